@@ -1,0 +1,35 @@
+"""diffusion-moe: mixture-of-experts masked-diffusion language models for Transformers.
+
+Importing the package registers the model with AutoConfig / AutoModel /
+AutoModelForMaskedLM under `model_type="diffusion_moe"`.
+"""
+
+from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM
+
+from .configuration import DiffusionMoeConfig
+from .generation import DiffusionGenerationConfig, DiffusionGenerationMixin
+from .modeling import (
+    DiffusionMoeForMaskedLM,
+    DiffusionMoeMaskedLMOutput,
+    DiffusionMoeModel,
+    DiffusionMoeModelOutput,
+    DiffusionMoePreTrainedModel,
+    RouterStats,
+)
+
+AutoConfig.register("diffusion_moe", DiffusionMoeConfig, exist_ok=True)
+AutoModel.register(DiffusionMoeConfig, DiffusionMoeModel, exist_ok=True)
+AutoModelForMaskedLM.register(DiffusionMoeConfig, DiffusionMoeForMaskedLM, exist_ok=True)
+
+__version__ = "0.1.0"
+__all__ = [
+    "DiffusionGenerationConfig",
+    "DiffusionGenerationMixin",
+    "DiffusionMoeConfig",
+    "DiffusionMoeForMaskedLM",
+    "DiffusionMoeMaskedLMOutput",
+    "DiffusionMoeModel",
+    "DiffusionMoeModelOutput",
+    "DiffusionMoePreTrainedModel",
+    "RouterStats",
+]

@@ -1,0 +1,3 @@
+from .configuration_diffusion_moe import DiffusionMoeConfig
+
+__all__ = ["DiffusionMoeConfig"]

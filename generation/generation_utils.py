@@ -1,0 +1,5 @@
+"""Block-parallel denoising `generate()` (filled in by the generation issue)."""
+
+
+class DiffusionGenerationMixin:
+    pass

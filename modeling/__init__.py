@@ -1,0 +1,17 @@
+from .modeling_diffusion_moe import (
+    DiffusionMoeForMaskedLM,
+    DiffusionMoeMaskedLMOutput,
+    DiffusionMoeModel,
+    DiffusionMoeModelOutput,
+    DiffusionMoePreTrainedModel,
+)
+from .routing import RouterStats
+
+__all__ = [
+    "DiffusionMoeForMaskedLM",
+    "DiffusionMoeMaskedLMOutput",
+    "DiffusionMoeModel",
+    "DiffusionMoeModelOutput",
+    "DiffusionMoePreTrainedModel",
+    "RouterStats",
+]

@@ -1,0 +1,65 @@
+"""Routed experts stored as fused 3-D tensors (the Transformers MoE layout).
+
+`gate_up_proj` [E, 2I, H] holds each expert's SwiGLU gate and up rows, `down_proj`
+[E, H, I] its output projection. Token-layout routing (token choice, block) goes through
+`forward`, which `use_experts_implementation` dispatches to Transformers' experts
+implementations (`grouped_mm` by default, `batched_mm`, or this file's `eager` loop, the
+portable fallback). Expert choice has static shapes and uses `forward_expert_choice`.
+"""
+
+import torch
+from torch import nn
+from transformers.activations import ACT2FN
+from transformers.integrations import use_experts_implementation
+
+
+@use_experts_implementation
+class DiffusionMoeExperts(nn.Module):
+    def __init__(self, config):
+        super().__init__()
+        self.num_experts = config.num_experts
+        self.hidden_dim = config.hidden_size
+        self.intermediate_dim = config.moe_intermediate_size
+        self.gate_up_proj = nn.Parameter(torch.empty(self.num_experts, 2 * self.intermediate_dim, self.hidden_dim))
+        self.down_proj = nn.Parameter(torch.empty(self.num_experts, self.hidden_dim, self.intermediate_dim))
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(
+        self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
+    ) -> torch.Tensor:
+        """Eager token-layout dispatch: sort assignments by expert, one matmul pair per hit expert.
+
+        hidden_states [T, H], top_k_index / top_k_weights [T, k] -> [T, H].
+        """
+        T, k = top_k_index.shape
+        flat_expert = top_k_index.reshape(-1)
+        order = flat_expert.argsort(stable=True)
+        token_of = torch.div(order, k, rounding_mode="floor")
+        counts = torch.bincount(flat_expert, minlength=self.num_experts).tolist()
+        weights = top_k_weights.reshape(-1)[order].unsqueeze(-1)
+        inputs = hidden_states[token_of]
+        outputs = []
+        for expert, rows in zip(range(self.num_experts), inputs.split(counts)):
+            if rows.shape[0] == 0:
+                continue
+            hidden = self._apply_gate(rows @ self.gate_up_proj[expert].t())
+            outputs.append(hidden @ self.down_proj[expert].t())
+        out = torch.cat(outputs) * weights.to(hidden_states.dtype)
+        return torch.zeros_like(hidden_states).index_add_(0, token_of, out.to(hidden_states.dtype))
+
+    def forward_expert_choice(
+        self, hidden_states: torch.Tensor, token_index: torch.Tensor, gates: torch.Tensor
+    ) -> torch.Tensor:
+        """Expert-layout dispatch: gather [B, E, C, H] -> two batched matmuls -> weighted scatter-add.
+
+        hidden_states [B, L, H], token_index / gates [B, E, C] -> [B, L, H].
+        """
+        B, L, H = hidden_states.shape
+        E, C = token_index.shape[1], token_index.shape[2]
+        flat_index = token_index.reshape(B, E * C, 1).expand(-1, -1, H)
+        x = hidden_states.gather(1, flat_index).view(B, E, C, H).transpose(0, 1).reshape(E, B * C, H)
+        hidden = self._apply_gate(torch.bmm(x, self.gate_up_proj.transpose(1, 2)))
+        y = torch.bmm(hidden, self.down_proj.transpose(1, 2))  # [E, B*C, H]
+        y = y * gates.transpose(0, 1).reshape(E, B * C, 1).to(y.dtype)
+        y = y.view(E, B, C, H).transpose(0, 1).reshape(B, E * C, H)
+        return torch.zeros_like(hidden_states).scatter_add_(1, flat_index, y.to(hidden_states.dtype))

@@ -1,0 +1,507 @@
+"""Mixture-of-experts masked-diffusion language model (LLaDA / LLaDA2 family).
+
+Pre-norm decoder without a causal mask: attention is bidirectional or block-causal
+(`config.attention_layout`), the first `first_k_dense_replace` layers use a dense SwiGLU
+MLP and the rest a sparse MoE block whose routing policy is `config.router_type`.
+The masked-LM head predicts token i at position i (no shift).
+"""
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import nn
+from transformers import initialization as init
+from transformers.activations import ACT2FN
+from transformers.cache_utils import Cache, DynamicCache
+from transformers.modeling_layers import GradientCheckpointingLayer
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel
+from transformers.utils import ModelOutput
+
+from ..configuration.configuration_diffusion_moe import DiffusionMoeConfig
+from ..generation.generation_utils import DiffusionGenerationMixin
+from .attention_masks import build_attention_mask, positions_from_padding
+from .diffusion_loss import masked_diffusion_loss
+from .experts import DiffusionMoeExperts
+from .remote_code import save_remote_code
+from .routing import DiffusionMoeRouter, RouterStats, load_balancing_loss, router_stats, z_loss
+
+
+@dataclass
+class DiffusionMoeModelOutput(ModelOutput):
+    """Base model output; `aux_loss` / `z_loss` are averaged over MoE layers."""
+
+    last_hidden_state: torch.FloatTensor | None = None
+    past_key_values: Cache | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+    aux_loss: torch.FloatTensor | None = None
+    z_loss: torch.FloatTensor | None = None
+    router_stats: tuple[RouterStats, ...] | None = None
+
+
+@dataclass
+class DiffusionMoeMaskedLMOutput(ModelOutput):
+    """`loss` is the diffusion loss plus the weighted router losses (in training mode)."""
+
+    loss: torch.FloatTensor | None = None
+    logits: torch.FloatTensor | None = None
+    past_key_values: Cache | None = None
+    hidden_states: tuple[torch.FloatTensor, ...] | None = None
+    attentions: tuple[torch.FloatTensor, ...] | None = None
+    diffusion_loss: torch.FloatTensor | None = None
+    aux_loss: torch.FloatTensor | None = None
+    z_loss: torch.FloatTensor | None = None
+    router_stats: tuple[RouterStats, ...] | None = None
+
+
+class DiffusionMoeRMSNorm(nn.Module):
+    def __init__(self, hidden_size, eps=1e-6):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(hidden_size))
+        self.variance_epsilon = eps
+
+    def forward(self, hidden_states):
+        dtype = hidden_states.dtype
+        hidden_states = hidden_states.float()
+        hidden_states = hidden_states * torch.rsqrt(hidden_states.pow(2).mean(-1, keepdim=True) + self.variance_epsilon)
+        return self.weight * hidden_states.to(dtype)
+
+
+class DiffusionMoeRotaryEmbedding(nn.Module):
+    """cos/sin for the rotated slice of each head: the first head_dim * partial_rotary_factor dims."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.rotary_dim = int(config.head_dim * config.partial_rotary_factor)
+        exponent = torch.arange(0, self.rotary_dim, 2, dtype=torch.float32) / self.rotary_dim
+        self.register_buffer("inv_freq", 1.0 / (config.rope_theta**exponent), persistent=False)
+
+    @torch.no_grad()
+    def forward(self, x, position_ids):
+        freqs = position_ids[..., None].float() * self.inv_freq
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos().to(x.dtype), emb.sin().to(x.dtype)
+
+
+def rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+def apply_rotary_pos_emb(q, k, cos, sin):
+    """Rotate-half rotary on the leading `cos.shape[-1]` dims of each head; the rest pass through."""
+    cos, sin = cos.unsqueeze(1), sin.unsqueeze(1)
+    d = cos.shape[-1]
+
+    def rotate(x):
+        x_rot, x_pass = x[..., :d], x[..., d:]
+        return torch.cat((x_rot * cos + rotate_half(x_rot) * sin, x_pass), dim=-1)
+
+    return rotate(q), rotate(k)
+
+
+def repeat_kv(hidden_states: torch.Tensor, n_rep: int) -> torch.Tensor:
+    batch, num_key_value_heads, slen, head_dim = hidden_states.shape
+    if n_rep == 1:
+        return hidden_states
+    hidden_states = hidden_states[:, :, None].expand(batch, num_key_value_heads, n_rep, slen, head_dim)
+    return hidden_states.reshape(batch, num_key_value_heads * n_rep, slen, head_dim)
+
+
+def eager_attention_forward(module, query, key, value, attention_mask, scaling, dropout=0.0, **kwargs):
+    key, value = repeat_kv(key, module.num_key_value_groups), repeat_kv(value, module.num_key_value_groups)
+    attn_weights = torch.matmul(query, key.transpose(2, 3)) * scaling
+    if attention_mask is not None:
+        attn_weights = attn_weights + attention_mask
+    attn_weights = nn.functional.softmax(attn_weights, dim=-1, dtype=torch.float32).to(query.dtype)
+    attn_weights = nn.functional.dropout(attn_weights, p=dropout, training=module.training)
+    return torch.matmul(attn_weights, value).transpose(1, 2).contiguous(), attn_weights
+
+
+class DiffusionMoeAttention(nn.Module):
+    """GQA attention; optional per-head q/k RMSNorm before partial rotary; never causal."""
+
+    def __init__(self, config: DiffusionMoeConfig, layer_idx: int):
+        super().__init__()
+        self.config = config
+        self.layer_idx = layer_idx
+        self.head_dim = config.head_dim
+        self.num_key_value_groups = config.num_attention_heads // config.num_key_value_heads
+        self.scaling = self.head_dim**-0.5
+        self.attention_dropout = config.attention_dropout
+        self.is_causal = False
+        self.q_proj = nn.Linear(config.hidden_size, config.num_attention_heads * self.head_dim, bias=False)
+        self.k_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * self.head_dim, bias=False)
+        self.v_proj = nn.Linear(config.hidden_size, config.num_key_value_heads * self.head_dim, bias=False)
+        self.o_proj = nn.Linear(config.num_attention_heads * self.head_dim, config.hidden_size, bias=False)
+        if config.use_qk_norm:
+            self.q_norm = DiffusionMoeRMSNorm(self.head_dim, eps=config.rms_norm_eps)
+            self.k_norm = DiffusionMoeRMSNorm(self.head_dim, eps=config.rms_norm_eps)
+        else:
+            self.q_norm = self.k_norm = nn.Identity()
+
+    def forward(self, hidden_states, position_embeddings, attention_mask, past_key_values=None, **kwargs):
+        input_shape = hidden_states.shape[:-1]
+        hidden_shape = (*input_shape, -1, self.head_dim)
+        query = self.q_norm(self.q_proj(hidden_states).view(hidden_shape)).transpose(1, 2)
+        key = self.k_norm(self.k_proj(hidden_states).view(hidden_shape)).transpose(1, 2)
+        value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
+        query, key = apply_rotary_pos_emb(query, key, *position_embeddings)
+        if past_key_values is not None:
+            key, value = past_key_values.update(key, value, self.layer_idx)
+        attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
+            self.config._attn_implementation, eager_attention_forward
+        )
+        attn_output, attn_weights = attention_interface(
+            self,
+            query,
+            key,
+            value,
+            attention_mask,
+            dropout=0.0 if not self.training else self.attention_dropout,
+            scaling=self.scaling,
+            is_causal=False,
+            **kwargs,
+        )
+        return self.o_proj(attn_output.reshape(*input_shape, -1).contiguous()), attn_weights
+
+
+class DiffusionMoeMLP(nn.Module):
+    """Dense SwiGLU MLP (the first dense layers, and the shared experts)."""
+
+    def __init__(self, config, intermediate_size=None):
+        super().__init__()
+        intermediate_size = intermediate_size or config.intermediate_size
+        self.gate_proj = nn.Linear(config.hidden_size, intermediate_size, bias=False)
+        self.up_proj = nn.Linear(config.hidden_size, intermediate_size, bias=False)
+        self.down_proj = nn.Linear(intermediate_size, config.hidden_size, bias=False)
+        self.act_fn = ACT2FN[config.hidden_act]
+
+    def forward(self, x):
+        return self.down_proj(self.act_fn(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DiffusionMoeSparseMoeBlock(nn.Module):
+    """Router + fused routed experts + optional shared experts (always applied, unweighted)."""
+
+    def __init__(self, config: DiffusionMoeConfig):
+        super().__init__()
+        self.config = config
+        self.gate = DiffusionMoeRouter(config)
+        self.experts = DiffusionMoeExperts(config)
+        self.shared_experts = (
+            DiffusionMoeMLP(config, config.moe_intermediate_size * config.num_shared_experts)
+            if config.num_shared_experts > 0
+            else None
+        )
+
+    def forward(self, hidden_states, padding_mask, position_ids, mask_ratio=None, output_router_stats=False):
+        B, L, H = hidden_states.shape
+        decision = self.gate(hidden_states, padding_mask, position_ids, mask_ratio)
+        if decision.token_index is not None:
+            routed = self.experts.forward_expert_choice(hidden_states, decision.token_index, decision.gates)
+        else:
+            routed = self.experts(hidden_states.reshape(B * L, H), decision.expert_index, decision.expert_weights)
+            routed = routed.view(B, L, H)
+        if self.shared_experts is not None:
+            routed = routed + self.shared_experts(hidden_states)
+        losses = {}
+        if self.training and self.config.router_z_loss_coef > 0:
+            losses["z_loss"] = z_loss(decision, padding_mask)
+        if self.training and self.config.router_aux_loss_coef > 0 and decision.router_probs is not None:
+            losses["aux_loss"] = load_balancing_loss(decision, padding_mask)
+        stats = router_stats(decision, padding_mask) if output_router_stats else None
+        return routed, losses, stats
+
+
+class DiffusionMoeDecoderLayer(GradientCheckpointingLayer):
+    def __init__(self, config: DiffusionMoeConfig, layer_idx: int):
+        super().__init__()
+        self.self_attn = DiffusionMoeAttention(config, layer_idx)
+        self.is_moe = layer_idx >= config.first_k_dense_replace
+        self.mlp = DiffusionMoeSparseMoeBlock(config) if self.is_moe else DiffusionMoeMLP(config)
+        self.input_layernorm = DiffusionMoeRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.post_attention_layernorm = DiffusionMoeRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+
+    def forward(
+        self,
+        hidden_states,
+        attention_mask=None,
+        position_embeddings=None,
+        padding_mask=None,
+        position_ids=None,
+        mask_ratio=None,
+        past_key_values=None,
+        output_router_stats=False,
+        **kwargs,
+    ):
+        residual = hidden_states
+        hidden_states, _ = self.self_attn(
+            self.input_layernorm(hidden_states), position_embeddings, attention_mask, past_key_values, **kwargs
+        )
+        hidden_states = residual + hidden_states
+        normed = self.post_attention_layernorm(hidden_states)
+        if not self.is_moe:
+            return hidden_states + self.mlp(normed), {}, None
+        mlp_out, losses, stats = self.mlp(normed, padding_mask, position_ids, mask_ratio, output_router_stats)
+        return hidden_states + mlp_out, losses, stats
+
+
+class DiffusionMoePreTrainedModel(PreTrainedModel):
+    config_class = DiffusionMoeConfig
+    config: DiffusionMoeConfig
+    base_model_prefix = "model"
+    supports_gradient_checkpointing = True
+    _no_split_modules = ["DiffusionMoeDecoderLayer"]
+    _skip_keys_device_placement = ["past_key_values"]
+    _supports_sdpa = True
+    _supports_flash_attn = False
+    _supports_flex_attn = False
+    _supports_attention_backend = True
+    _keys_to_ignore_on_load_unexpected = [r"rotary_emb\.inv_freq"]
+
+    @classmethod
+    def _can_set_experts_implementation(cls) -> bool:
+        return True  # the experts module uses @use_experts_implementation
+
+    @torch.no_grad()
+    def _init_weights(self, module):
+        super()._init_weights(module)
+        std = self.config.initializer_range
+        if isinstance(module, DiffusionMoeExperts):
+            init.normal_(module.gate_up_proj, mean=0.0, std=std)
+            init.normal_(module.down_proj, mean=0.0, std=std)
+        elif isinstance(module, DiffusionMoeRouter):
+            init.normal_(module.weight, mean=0.0, std=std)
+            init.zeros_(module.expert_bias)
+        elif isinstance(module, DiffusionMoeRotaryEmbedding):
+            exponent = torch.arange(0, module.rotary_dim, 2, dtype=torch.float32) / module.rotary_dim
+            init.copy_(module.inv_freq, 1.0 / (self.config.rope_theta**exponent))
+
+    def save_pretrained(self, save_directory, *args, **kwargs):
+        """Save weights and config, plus the flat remote-code files that `auto_map` points at."""
+        self.config.auto_map = {
+            "AutoConfig": "configuration_diffusion_moe.DiffusionMoeConfig",
+            "AutoModel": "modeling_diffusion_moe.DiffusionMoeModel",
+            "AutoModelForMaskedLM": "modeling_diffusion_moe.DiffusionMoeForMaskedLM",
+        }
+        super().save_pretrained(save_directory, *args, **kwargs)
+        if kwargs.get("is_main_process", True):
+            save_remote_code(save_directory)
+
+
+class DiffusionMoeModel(DiffusionMoePreTrainedModel):
+    def __init__(self, config: DiffusionMoeConfig):
+        super().__init__(config)
+        self.padding_idx = config.pad_token_id
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)
+        self.layers = nn.ModuleList(DiffusionMoeDecoderLayer(config, i) for i in range(config.num_hidden_layers))
+        self.norm = DiffusionMoeRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
+        self.rotary_emb = DiffusionMoeRotaryEmbedding(config)
+        self.gradient_checkpointing = False
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.embed_tokens = value
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        use_cache: bool | None = None,
+        mask_ratio: torch.Tensor | None = None,
+        output_router_stats: bool = False,
+        output_hidden_states: bool | None = None,
+        **kwargs,
+    ) -> DiffusionMoeModelOutput:
+        """
+        attention_mask: 2-D [B, past + L] padding mask (1 = real token), or a 4-D mask
+            [B, 1, L, past + L] (bool: True = attend, or additive float) used as-is.
+        mask_ratio: [B] fraction of masked real tokens per sequence; drives the capacity
+            schedule. Computed from `input_ids == mask_token_id` when needed and not given.
+        use_cache: return (and fill) a `DynamicCache` with this forward's keys/values.
+        """
+        if (input_ids is None) == (inputs_embeds is None):
+            raise ValueError("DiffusionMoeModel.forward: pass exactly one of `input_ids` or `inputs_embeds`.")
+        if inputs_embeds is None:
+            inputs_embeds = self.embed_tokens(input_ids)
+        B, L = inputs_embeds.shape[:2]
+        device = inputs_embeds.device
+        if use_cache and past_key_values is None:
+            past_key_values = DynamicCache(config=self.config)
+        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+
+        if attention_mask is not None and attention_mask.dim() == 4:
+            mask = attention_mask
+            padding_mask = torch.ones(B, L, dtype=torch.bool, device=device)
+            if position_ids is None:
+                position_ids = torch.arange(past_length, past_length + L, device=device).expand(B, L)
+        else:
+            if attention_mask is None:
+                attention_mask = torch.ones(B, past_length + L, dtype=torch.bool, device=device)
+            if attention_mask.shape != (B, past_length + L):
+                raise ValueError(
+                    f"`attention_mask` must have shape (batch, past + length) = ({B}, {past_length + L}); "
+                    f"got {tuple(attention_mask.shape)}."
+                )
+            full_padding = attention_mask.bool()
+            key_positions = positions_from_padding(full_padding)
+            if position_ids is None:
+                position_ids = key_positions[:, past_length:]
+            padding_mask = full_padding[:, past_length:]
+            mask = build_attention_mask(
+                full_padding, position_ids.expand(B, L), key_positions, self.config.attention_layout,
+                self.config.block_size,
+            )
+        position_ids = position_ids.expand(B, L)
+        if mask.dtype == torch.bool and self.config._attn_implementation != "sdpa":
+            mask = torch.zeros(mask.shape, dtype=inputs_embeds.dtype, device=device).masked_fill(
+                ~mask, torch.finfo(inputs_embeds.dtype).min
+            )
+        if mask_ratio is None and self._needs_mask_ratio():
+            mask_ratio = self.mask_ratio_of(input_ids, padding_mask)
+
+        hidden_states = inputs_embeds
+        position_embeddings = self.rotary_emb(hidden_states, position_ids)
+        all_hidden_states = () if output_hidden_states else None
+        all_stats = [] if output_router_stats else None
+        loss_sums = {}
+        for layer in self.layers:
+            if output_hidden_states:
+                all_hidden_states += (hidden_states,)
+            hidden_states, losses, stats = layer(
+                hidden_states,
+                attention_mask=mask,
+                position_embeddings=position_embeddings,
+                padding_mask=padding_mask,
+                position_ids=position_ids,
+                mask_ratio=mask_ratio,
+                past_key_values=past_key_values,
+                output_router_stats=output_router_stats,
+                **kwargs,
+            )
+            for name, value in losses.items():
+                loss_sums[name] = loss_sums.get(name, 0.0) + value
+            if stats is not None:
+                all_stats.append(stats)
+        hidden_states = self.norm(hidden_states)
+        if output_hidden_states:
+            all_hidden_states += (hidden_states,)
+        num_moe = sum(layer.is_moe for layer in self.layers)
+        return DiffusionMoeModelOutput(
+            last_hidden_state=hidden_states,
+            past_key_values=past_key_values if use_cache or past_length else None,
+            hidden_states=all_hidden_states,
+            aux_loss=loss_sums["aux_loss"] / num_moe if "aux_loss" in loss_sums else None,
+            z_loss=loss_sums["z_loss"] / num_moe if "z_loss" in loss_sums else None,
+            router_stats=tuple(all_stats) if output_router_stats else None,
+        )
+
+    def _needs_mask_ratio(self) -> bool:
+        return self.config.router_type == "expert_choice" and self.config.capacity_schedule != "constant"
+
+    def mask_ratio_of(self, input_ids: torch.Tensor | None, padding_mask: torch.Tensor) -> torch.Tensor:
+        """Masked real tokens / real tokens, per sequence."""
+        if input_ids is None or self.config.mask_token_id is None:
+            raise ValueError(
+                f"capacity_schedule={self.config.capacity_schedule!r} needs the mask ratio: pass `mask_ratio` "
+                "explicitly, or `input_ids` with `mask_token_id` set in the config."
+            )
+        masked = (input_ids == self.config.mask_token_id) & padding_mask
+        return masked.sum(-1).float() / padding_mask.sum(-1).clamp(min=1).float()
+
+
+class DiffusionMoeForMaskedLM(DiffusionGenerationMixin, DiffusionMoePreTrainedModel):
+    _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+
+    def __init__(self, config: DiffusionMoeConfig):
+        super().__init__(config)
+        self.model = DiffusionMoeModel(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        self.post_init()
+
+    def get_input_embeddings(self):
+        return self.model.embed_tokens
+
+    def set_input_embeddings(self, value):
+        self.model.embed_tokens = value
+
+    def get_output_embeddings(self):
+        return self.lm_head
+
+    def set_output_embeddings(self, new_embeddings):
+        self.lm_head = new_embeddings
+
+    def forward(
+        self,
+        input_ids: torch.LongTensor | None = None,
+        attention_mask: torch.Tensor | None = None,
+        position_ids: torch.LongTensor | None = None,
+        mask_ratio: torch.Tensor | None = None,
+        labels: torch.LongTensor | None = None,
+        output_router_stats: bool = False,
+        past_key_values: Cache | None = None,
+        inputs_embeds: torch.FloatTensor | None = None,
+        use_cache: bool | None = None,
+        output_hidden_states: bool | None = None,
+        num_items_in_batch: torch.Tensor | int | None = None,
+        **kwargs,
+    ) -> DiffusionMoeMaskedLMOutput:
+        """labels: [B, L] targets at masked positions, -100 elsewhere (no shift).
+
+        The loss is the masked-diffusion loss (`config.loss_weighting`), plus
+        `router_aux_loss_coef * aux + router_z_loss_coef * z` in training mode.
+        """
+        outputs = self.model(
+            input_ids=input_ids,
+            attention_mask=attention_mask,
+            position_ids=position_ids,
+            past_key_values=past_key_values,
+            inputs_embeds=inputs_embeds,
+            use_cache=use_cache,
+            mask_ratio=mask_ratio,
+            output_router_stats=output_router_stats,
+            output_hidden_states=output_hidden_states,
+            **kwargs,
+        )
+        logits = self.lm_head(outputs.last_hidden_state)
+        loss = diffusion_loss = None
+        if labels is not None:
+            if attention_mask is not None and attention_mask.dim() == 2:
+                padding_mask = attention_mask[:, -labels.shape[1] :].bool()
+            else:
+                padding_mask = torch.ones_like(labels, dtype=torch.bool)
+            diffusion_loss = masked_diffusion_loss(
+                logits, labels, padding_mask, mask_ratio, self.config.loss_weighting, num_items_in_batch
+            )
+            loss = diffusion_loss
+            if outputs.aux_loss is not None:
+                loss = loss + self.config.router_aux_loss_coef * outputs.aux_loss
+            if outputs.z_loss is not None:
+                loss = loss + self.config.router_z_loss_coef * outputs.z_loss
+        return DiffusionMoeMaskedLMOutput(
+            loss=loss,
+            logits=logits,
+            past_key_values=outputs.past_key_values,
+            hidden_states=outputs.hidden_states,
+            diffusion_loss=diffusion_loss,
+            aux_loss=outputs.aux_loss,
+            z_loss=outputs.z_loss,
+            router_stats=outputs.router_stats,
+        )
+
+
+__all__ = [
+    "DiffusionMoePreTrainedModel",
+    "DiffusionMoeModel",
+    "DiffusionMoeForMaskedLM",
+    "DiffusionMoeModelOutput",
+    "DiffusionMoeMaskedLMOutput",
+]

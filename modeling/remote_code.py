@@ -1,0 +1,44 @@
+"""Write the flat, self-contained `.py` files that `trust_remote_code=True` loading needs.
+
+Transformers' remote-code loader only follows flat relative imports inside one folder, so
+`save_pretrained` copies every module the model needs next to the weights and rewrites
+package-relative imports (`from ..configuration.configuration_diffusion_moe import X`) to
+flat ones (`from .configuration_diffusion_moe import X`). Run from a folder that was itself
+written this way, the copy is the identity, so re-saving a remote-loaded model works too.
+"""
+
+import os
+import re
+from pathlib import Path
+
+REMOTE_CODE_FILES = (
+    "configuration_diffusion_moe.py",
+    "capacity_schedules.py",
+    "routing.py",
+    "experts.py",
+    "attention_masks.py",
+    "diffusion_loss.py",
+    "remote_code.py",
+    "modeling_diffusion_moe.py",
+    "generation_config_diffusion.py",
+    "generation_utils.py",
+)
+
+_HERE = Path(__file__).resolve().parent
+_SEARCH_DIRS = (_HERE, _HERE.parent / "configuration", _HERE.parent / "generation", _HERE.parent / "modeling")
+_RELATIVE_IMPORT = re.compile(r"^(\s*)from \.+(?:\w+\.)*(\w+) import ", re.MULTILINE)
+
+
+def flatten_imports(source: str) -> str:
+    return _RELATIVE_IMPORT.sub(r"\1from .\2 import ", source)
+
+
+def save_remote_code(save_directory) -> list[str]:
+    """Copy the model's modules, flattened, into `save_directory`; returns the file names."""
+    os.makedirs(save_directory, exist_ok=True)
+    for name in REMOTE_CODE_FILES:
+        source = next((d / name for d in _SEARCH_DIRS if (d / name).is_file()), None)
+        if source is None:
+            raise FileNotFoundError(f"remote code module {name!r} not found next to {__file__}")
+        (Path(save_directory) / name).write_text(flatten_imports(source.read_text()))
+    return list(REMOTE_CODE_FILES)

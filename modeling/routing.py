@@ -1,0 +1,238 @@
+"""The three routing policies (DESIGN 2.1, 2.2, 2.4) and what they report.
+
+A router maps hidden states [B, L, H] to a routing decision. Token choice and block
+routing produce (expert index, weight) pairs per token, which the fused experts consume
+through Transformers' experts interface; expert choice produces (token index, gate) per
+expert slot, which the experts consume with one gather + batched matmul + scatter-add.
+Router logits are computed in fp32. The `expert_bias` buffer only steers selection.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .capacity_schedules import expert_capacity, experts_per_token
+
+# A finite "minus infinity": masked scores must still sum and sort without NaNs.
+_MASKED = -1e30
+
+
+@dataclass
+class RoutingDecision:
+    """One MoE layer's routing. Exactly one of the two layouts is filled.
+
+    Token layout (token choice, block): `expert_index`, `expert_weights` [B*L, k].
+    Expert layout (expert choice): `token_index`, `gates` [B, E, C_max].
+    `assignment` [B, L, E] (bool) marks which experts process which token; `capacity`
+    [B] is the per-expert token budget per sequence when one applies.
+    """
+
+    router_logits: torch.Tensor
+    assignment: torch.Tensor
+    expert_index: torch.Tensor | None = None
+    expert_weights: torch.Tensor | None = None
+    token_index: torch.Tensor | None = None
+    gates: torch.Tensor | None = None
+    capacity: torch.Tensor | None = None
+    router_probs: torch.Tensor | None = None
+
+
+@dataclass
+class RouterStats:
+    """Per-layer routing statistics returned with `output_router_stats=True`.
+
+    tokens_per_expert: [B, E] assignments each expert received from each sequence.
+    experts_per_token: [B, L] experts that processed each token (0 for padding).
+    num_unique_experts: [B] distinct experts used by each sequence's real tokens.
+    expert_mask: [B, L, E] bool, which expert processed which token.
+    capacity: [B] per-expert token budget per sequence (expert choice, or token choice
+        with a capacity factor); None when routing is dropless token choice or block.
+    dropped_fraction: fraction of token-choice assignments dropped by capacity (0 else).
+    """
+
+    tokens_per_expert: torch.Tensor
+    experts_per_token: torch.Tensor
+    num_unique_experts: torch.Tensor
+    expert_mask: torch.Tensor
+    capacity: torch.Tensor | None = None
+    dropped_fraction: float = 0.0
+
+
+class DiffusionMoeRouter(nn.Module):
+    """Router weights [E, H] (no bias) plus the `expert_bias` buffer; policy from the config."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.config = config
+        self.num_experts = config.num_experts
+        self.weight = nn.Parameter(torch.empty(config.num_experts, config.hidden_size))
+        self.register_buffer("expert_bias", torch.zeros(config.num_experts, dtype=torch.float32))
+
+    def forward(
+        self,
+        hidden_states: torch.Tensor,
+        padding_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        mask_ratio: torch.Tensor | None,
+    ) -> RoutingDecision:
+        logits = F.linear(hidden_states.float(), self.weight.float())  # [B, L, E], fp32
+        router_type = self.config.router_type
+        if router_type == "expert_choice":
+            k_per_seq = experts_per_token(self.config, mask_ratio, logits.shape[0], logits.device)
+            return expert_choice(logits, padding_mask, k_per_seq)
+        scores = score(logits, self.config.router_score_function)
+        allowed = None
+        if router_type == "block":
+            allowed = block_coreset(scores, self.expert_bias, padding_mask, position_ids, self.config)
+        return token_choice(logits, scores, self.expert_bias, padding_mask, self.config, allowed)
+
+
+def score(logits: torch.Tensor, score_function: str) -> torch.Tensor:
+    return logits.softmax(dim=-1) if score_function == "softmax" else logits.sigmoid()
+
+
+def select_top_k(
+    scores: torch.Tensor, expert_bias: torch.Tensor, config, allowed: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Token-choice selection on [..., E] scores: biased, optionally group-limited and masked.
+
+    Returns (indices [..., k], weights [..., k]); weights are the unbiased scores,
+    renormalised when `norm_topk_prob` (k > 1), times `routed_scaling_factor`, and zero for
+    experts outside `allowed`.
+    """
+    k = config.num_experts_per_tok
+    biased = scores + expert_bias.to(scores.dtype)
+    if allowed is not None:
+        biased = biased.masked_fill(~allowed, _MASKED)
+    if config.n_group is not None and config.n_group > 1:
+        grouped = biased.unflatten(-1, (config.n_group, -1))  # [..., G, E/G]
+        group_scores = grouped.topk(2, dim=-1).values.sum(-1)  # [..., G]
+        keep_groups = group_scores.topk(config.topk_group, dim=-1).indices
+        group_mask = torch.zeros_like(group_scores, dtype=torch.bool).scatter_(-1, keep_groups, True)
+        biased = grouped.masked_fill(~group_mask.unsqueeze(-1), _MASKED).flatten(-2)
+    indices = biased.topk(k, dim=-1).indices
+    weights = scores.gather(-1, indices)
+    if allowed is not None:
+        weights = weights * allowed.gather(-1, indices)
+    if config.norm_topk_prob and k > 1:
+        weights = weights / weights.sum(-1, keepdim=True).clamp_min(1e-20)
+    return indices, weights * config.routed_scaling_factor
+
+
+def token_choice(logits, scores, expert_bias, padding_mask, config, allowed=None) -> RoutingDecision:
+    """Each token picks its top-k experts; with `capacity_factor`, each expert keeps at most
+    C_b = ceil(L_real_b * k / E * capacity_factor) tokens of sequence b, highest weights first."""
+    B, L, E = logits.shape
+    indices, weights = select_top_k(scores, expert_bias, config, allowed)  # [B, L, k]
+    weights = weights * padding_mask.unsqueeze(-1)  # padding contributes nothing
+    dense = torch.zeros_like(scores).scatter(-1, indices, weights)  # [B, L, E]
+    assignment = torch.zeros_like(scores, dtype=torch.bool).scatter(-1, indices, True) & padding_mask.unsqueeze(-1)
+    if allowed is not None:
+        assignment &= allowed
+    capacity = None
+    if config.capacity_factor is not None:
+        real = padding_mask.sum(1)
+        capacity = torch.ceil(real * config.num_experts_per_tok / E * config.capacity_factor).long()
+        # rank of each token among the sequence's tokens routed to the same expert, by weight
+        order = dense.masked_fill(~assignment, -1.0).argsort(dim=1, descending=True, stable=True)
+        rank = order.argsort(dim=1, stable=True)
+        assignment &= rank < capacity.view(B, 1, 1)
+        keep = assignment.gather(-1, indices)
+        weights = weights * keep
+    return RoutingDecision(
+        router_logits=logits,
+        assignment=assignment,
+        expert_index=indices.reshape(B * L, -1),
+        expert_weights=weights.reshape(B * L, -1).to(logits.dtype),
+        capacity=capacity,
+        router_probs=scores,
+    )
+
+
+def expert_choice(logits: torch.Tensor, padding_mask: torch.Tensor, k_per_seq: torch.Tensor) -> RoutingDecision:
+    """Each expert picks, within each sequence, its C_b highest-logit real tokens.
+
+    Shapes are static: every sequence uses C_max = max_b C_b slots per expert, and slots
+    beyond its own C_b get gate 0. A token's gates are a softmax over the logits of the
+    experts that chose it; tokens nobody chose get no routed output.
+    """
+    B, L, E = logits.shape
+    capacity = expert_capacity(k_per_seq, padding_mask.sum(1), E)  # [B]
+    c_max = int(min(capacity.max().item(), L))
+    masked = logits.masked_fill(~padding_mask.unsqueeze(-1), _MASKED).transpose(1, 2)  # [B, E, L]
+    token_index = masked.topk(c_max, dim=-1).indices  # [B, E, C]
+    slot_used = torch.arange(c_max, device=logits.device).view(1, 1, c_max) < capacity.view(B, 1, 1)
+    slot_used = slot_used & padding_mask.gather(1, token_index.flatten(1)).view(B, E, c_max)
+    chosen = torch.zeros(B, E, L, dtype=torch.bool, device=logits.device)
+    chosen.scatter_(-1, token_index, slot_used)
+    chosen = chosen.transpose(1, 2)  # [B, L, E]
+    token_gates = logits.masked_fill(~chosen, float("-inf")).softmax(dim=-1).nan_to_num(0.0)  # [B, L, E]
+    gates = token_gates.transpose(1, 2).gather(-1, token_index) * slot_used  # [B, E, C]
+    return RoutingDecision(
+        router_logits=logits, assignment=chosen, token_index=token_index, gates=gates, capacity=capacity
+    )
+
+
+def block_coreset(scores, expert_bias, padding_mask, position_ids, config) -> torch.Tensor:
+    """dMoE: the experts every token of an aligned chunk may use ([B, L, E] bool).
+
+    Each real token votes with its own top-k biased scores; the chunk keeps the smallest
+    prefix of experts (by votes) whose mass reaches `block_router_top_p`, and at least the
+    top `block_router_min_experts`.
+    """
+    B, L, E = scores.shape
+    biased = scores + expert_bias.to(scores.dtype)
+    top = biased.topk(config.num_experts_per_tok, dim=-1)
+    votes = torch.zeros_like(scores).scatter(-1, top.indices, top.values) * padding_mask.unsqueeze(-1)
+    chunk = torch.div(position_ids, config.block_router_size, rounding_mode="floor")
+    chunk = chunk - chunk.min(dim=1, keepdim=True).values  # only relative chunk ids matter
+    num_chunks = int(chunk.max().item()) + 1
+    chunk_votes = scores.new_zeros(B, num_chunks, E).scatter_add_(1, chunk.unsqueeze(-1).expand(-1, -1, E), votes)
+    chunk_votes = chunk_votes / chunk_votes.sum(-1, keepdim=True).clamp_min(1e-20)
+    sorted_votes, order = chunk_votes.sort(dim=-1, descending=True, stable=True)
+    mass_before = sorted_votes.cumsum(-1) - sorted_votes
+    rank = torch.arange(E, device=scores.device)
+    keep_sorted = (mass_before <= config.block_router_top_p) | (rank < config.block_router_min_experts)
+    keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)  # [B, chunks, E]
+    return keep.gather(1, chunk.unsqueeze(-1).expand(-1, -1, E))
+
+
+def router_stats(decision: RoutingDecision, padding_mask: torch.Tensor) -> RouterStats:
+    mask = decision.assignment & padding_mask.unsqueeze(-1)
+    dropped = 0.0
+    if decision.expert_index is not None and decision.capacity is not None:
+        proposed = padding_mask.sum() * decision.expert_index.shape[-1]
+        dropped = 1.0 - mask.sum().item() / max(proposed.item(), 1)
+    return RouterStats(
+        tokens_per_expert=mask.sum(1),
+        experts_per_token=mask.sum(-1),
+        num_unique_experts=mask.any(1).sum(-1),
+        expert_mask=mask,
+        capacity=decision.capacity,
+        dropped_fraction=dropped,
+    )
+
+
+def load_balancing_loss(decision: RoutingDecision, padding_mask: torch.Tensor) -> torch.Tensor:
+    """Switch-style E * sum_e f_e P_e over real tokens (token choice and block routing).
+
+    f_e: fraction of assignments to e; P_e: mean routing probability of e (sigmoid scores
+    are normalised per token to a distribution first).
+    """
+    probs = decision.router_probs
+    probs = probs / probs.sum(-1, keepdim=True).clamp_min(1e-20)
+    real = padding_mask.unsqueeze(-1).to(probs.dtype)
+    n_real = real.sum().clamp_min(1.0)
+    f = (decision.assignment.to(probs.dtype) * real).sum((0, 1))
+    f = f / f.sum().clamp_min(1.0)
+    p = (probs * real).sum((0, 1)) / n_real
+    return probs.shape[-1] * (f * p).sum()
+
+
+def z_loss(decision: RoutingDecision, padding_mask: torch.Tensor) -> torch.Tensor:
+    """mean over real tokens of logsumexp(router logits)^2."""
+    lse = torch.logsumexp(decision.router_logits, dim=-1)
+    real = padding_mask.to(lse.dtype)
+    return (lse.square() * real).sum() / real.sum().clamp_min(1.0)
