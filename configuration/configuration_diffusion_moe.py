@@ -36,8 +36,9 @@ class DiffusionMoeConfig(PretrainedConfig):
             ceil(L_real * k / E * capacity_factor) tokens per sequence (highest weights win).
         capacity_schedule / capacity_min / capacity_max / capacity_sigma: expert choice only;
             per-sequence k as a function of the mask ratio. When not given, capacity_min and
-            capacity_max default to max(1, k // 2) and 2k - capacity_min, so the linear and
-            cosine schedules keep the average k (and FLOPs) equal to `num_experts_per_tok`.
+            capacity_max default to max(1, k // 2) and min(2k - capacity_min, num_experts), so
+            the linear and cosine schedules keep the average k (and FLOPs) equal to
+            `num_experts_per_tok` (unless 2k - capacity_min exceeds num_experts).
         n_group / topk_group: group-limited top-k (token choice and block routers; expert
             choice ignores groups because experts pick tokens).
         block_router_*: dMoE coreset per aligned chunk of `block_router_size` tokens;
@@ -134,7 +135,10 @@ class DiffusionMoeConfig(PretrainedConfig):
         self.capacity_schedule = capacity_schedule
         k = num_experts_per_tok if isinstance(num_experts_per_tok, int) else 1
         self.capacity_min = capacity_min if capacity_min is not None else max(1, k // 2)
-        self.capacity_max = capacity_max if capacity_max is not None else 2 * k - self.capacity_min
+        if capacity_max is None:
+            capacity_max = 2 * k - self.capacity_min
+            capacity_max = min(capacity_max, num_experts) if isinstance(num_experts, int) else capacity_max
+        self.capacity_max = capacity_max
         self.capacity_sigma = capacity_sigma
         self.block_router_size = block_router_size
         self.block_router_top_p = block_router_top_p
@@ -150,6 +154,15 @@ class DiffusionMoeConfig(PretrainedConfig):
             **kwargs,
         )
         self.check()
+
+    @classmethod
+    def from_dict(cls, config_dict, **kwargs):
+        """Also validates overrides, e.g. `from_pretrained(path, router_type="expert_choice")`,
+        which Transformers applies after construction."""
+        result = super().from_dict(config_dict, **kwargs)
+        config = result[0] if isinstance(result, tuple) else result
+        config.check()
+        return result
 
     def check(self):
         """Raise ValueError naming the first invalid field (called at construction)."""

@@ -50,16 +50,18 @@ class DiffusionMoeExperts(nn.Module):
     def forward_expert_choice(
         self, hidden_states: torch.Tensor, token_index: torch.Tensor, gates: torch.Tensor
     ) -> torch.Tensor:
-        """Expert-layout dispatch: gather [B, E, C, H] -> two batched matmuls -> weighted scatter-add.
+        """Expert-layout dispatch: gather -> two batched matmuls -> weighted scatter-add.
 
-        hidden_states [B, L, H], token_index / gates [B, E, C] -> [B, L, H].
+        hidden_states [B, L, H]; token_index (rows of the flattened [B*L] batch) and gates,
+        both [G, E, C] for G capacity groups -> [B, L, H].
         """
         B, L, H = hidden_states.shape
-        E, C = token_index.shape[1], token_index.shape[2]
-        flat_index = token_index.reshape(B, E * C, 1).expand(-1, -1, H)
-        x = hidden_states.gather(1, flat_index).view(B, E, C, H).transpose(0, 1).reshape(E, B * C, H)
-        hidden = self._apply_gate(torch.bmm(x, self.gate_up_proj.transpose(1, 2)))
-        y = torch.bmm(hidden, self.down_proj.transpose(1, 2))  # [E, B*C, H]
-        y = y * gates.transpose(0, 1).reshape(E, B * C, 1).to(y.dtype)
-        y = y.view(E, B, C, H).transpose(0, 1).reshape(B, E * C, H)
-        return torch.zeros_like(hidden_states).scatter_add_(1, flat_index, y.to(hidden_states.dtype))
+        G, E, C = token_index.shape
+        rows = token_index.transpose(0, 1).reshape(-1)  # expert-major, so gathered rows are [E, G*C, H]
+        flat_hidden = hidden_states.reshape(B * L, H)
+        x = flat_hidden.index_select(0, rows).view(E, G * C, H)
+        hidden = self._apply_gate(torch.bmm(x, self.gate_up_proj.transpose(1, 2)))  # [E, G*C, I]
+        # gating before the down projection touches I instead of H values per row
+        hidden = hidden * gates.transpose(0, 1).reshape(E, G * C, 1).to(hidden.dtype)
+        y = torch.bmm(hidden, self.down_proj.transpose(1, 2)).reshape(E * G * C, H)
+        return torch.zeros_like(flat_hidden).index_add_(0, rows, y.to(hidden_states.dtype)).view(B, L, H)

@@ -202,7 +202,8 @@ class DiffusionMoeSparseMoeBlock(nn.Module):
         if decision.token_index is not None:
             routed = self.experts.forward_expert_choice(hidden_states, decision.token_index, decision.gates)
         else:
-            routed = self.experts(hidden_states.reshape(B * L, H), decision.expert_index, decision.expert_weights)
+            weights = decision.expert_weights.to(hidden_states.dtype)
+            routed = self.experts(hidden_states.reshape(B * L, H), decision.expert_index, weights)
             routed = routed.view(B, L, H)
         if self.shared_experts is not None:
             routed = routed + self.shared_experts(hidden_states)

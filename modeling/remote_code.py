@@ -14,6 +14,7 @@ from pathlib import Path
 REMOTE_CODE_FILES = (
     "configuration_diffusion_moe.py",
     "capacity_schedules.py",
+    "routing_groups.py",
     "routing.py",
     "experts.py",
     "attention_masks.py",

@@ -14,6 +14,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .capacity_schedules import expert_capacity, experts_per_token
+from .routing_groups import GroupedView, chunk_runs
 
 # A finite "minus infinity": masked scores must still sum and sort without NaNs.
 _MASKED = -1e30
@@ -23,20 +24,33 @@ _MASKED = -1e30
 class RoutingDecision:
     """One MoE layer's routing. Exactly one of the two layouts is filled.
 
-    Token layout (token choice, block): `expert_index`, `expert_weights` [B*L, k].
-    Expert layout (expert choice): `token_index`, `gates` [B, E, C_max].
-    `assignment` [B, L, E] (bool) marks which experts process which token; `capacity`
-    [B] is the per-expert token budget per sequence when one applies.
+    Token layout (token choice, block): `expert_index`, `expert_weights` [B*L, k]; an
+    assignment whose weight is 0 (padding, dropped by capacity, outside a coreset) is not
+    processed. Expert layout (expert choice): `token_index` (rows of the flattened [B*L]
+    batch) and `gates`, both [groups, E, C_max].
+    `assignment` [B, L, E] (bool: which experts process which token) is built on first use,
+    so the dropless hot path never materialises it. `capacity` [B] is the per-expert token
+    budget per sequence (summed over its capacity groups) when one applies.
     """
 
     router_logits: torch.Tensor
-    assignment: torch.Tensor
     expert_index: torch.Tensor | None = None
     expert_weights: torch.Tensor | None = None
     token_index: torch.Tensor | None = None
     gates: torch.Tensor | None = None
     capacity: torch.Tensor | None = None
     router_probs: torch.Tensor | None = None
+    _assignment: torch.Tensor | None = None
+
+    @property
+    def assignment(self) -> torch.Tensor:
+        if self._assignment is None:
+            B, L, E = self.router_logits.shape
+            active = (self.expert_weights != 0).view(B, L, -1)
+            self._assignment = torch.zeros(B, L, E, dtype=torch.bool, device=active.device).scatter_(
+                -1, self.expert_index.view(B, L, -1), active
+            )
+        return self._assignment
 
 
 @dataclass
@@ -78,15 +92,20 @@ class DiffusionMoeRouter(nn.Module):
         mask_ratio: torch.Tensor | None,
     ) -> RoutingDecision:
         logits = F.linear(hidden_states.float(), self.weight.float())  # [B, L, E], fp32
-        router_type = self.config.router_type
-        if router_type == "expert_choice":
-            k_per_seq = experts_per_token(self.config, mask_ratio, logits.shape[0], logits.device)
-            return expert_choice(logits, padding_mask, k_per_seq)
-        scores = score(logits, self.config.router_score_function)
-        allowed = None
-        if router_type == "block":
-            allowed = block_coreset(scores, self.expert_bias, padding_mask, position_ids, self.config)
-        return token_choice(logits, scores, self.expert_bias, padding_mask, self.config, allowed)
+        config = self.config
+        if config.router_type == "block":
+            scores = score(logits, config.router_score_function)
+            chunks = chunk_runs(position_ids, config.block_router_size)
+            allowed = block_coreset(scores, self.expert_bias, padding_mask, chunks, config)
+            return token_choice(logits, scores, self.expert_bias, padding_mask, config, allowed=allowed)
+        block = config.block_size if config.attention_layout == "block_causal" else None
+        if config.router_type == "expert_choice":
+            groups = GroupedView(chunk_runs(position_ids, block))
+            k_per_seq = experts_per_token(config, mask_ratio, logits.shape[0], logits.device)
+            return expert_choice(logits, padding_mask, k_per_seq, groups)
+        scores = score(logits, config.router_score_function)
+        groups = GroupedView(chunk_runs(position_ids, block)) if config.capacity_factor is not None else None
+        return token_choice(logits, scores, self.expert_bias, padding_mask, config, groups=groups)
 
 
 def score(logits: torch.Tensor, score_function: str) -> torch.Tensor:
@@ -121,29 +140,25 @@ def select_top_k(
     return indices, weights * config.routed_scaling_factor
 
 
-def token_choice(logits, scores, expert_bias, padding_mask, config, allowed=None) -> RoutingDecision:
-    """Each token picks its top-k experts; with `capacity_factor`, each expert keeps at most
-    C_b = ceil(L_real_b * k / E * capacity_factor) tokens of sequence b, highest weights first."""
+def token_choice(logits, scores, expert_bias, padding_mask, config, allowed=None, groups=None) -> RoutingDecision:
+    """Each token picks its top-k experts. With `capacity_factor`, each expert keeps at most
+    C = ceil(T * k / E * capacity_factor) of the T real tokens of each capacity group
+    (`groups`), highest weights first; dropped assignments get weight 0."""
     B, L, E = logits.shape
     indices, weights = select_top_k(scores, expert_bias, config, allowed)  # [B, L, k]
     weights = weights * padding_mask.unsqueeze(-1)  # padding contributes nothing
-    dense = torch.zeros_like(scores).scatter(-1, indices, weights)  # [B, L, E]
-    assignment = torch.zeros_like(scores, dtype=torch.bool).scatter(-1, indices, True) & padding_mask.unsqueeze(-1)
-    if allowed is not None:
-        assignment &= allowed
     capacity = None
     if config.capacity_factor is not None:
-        real = padding_mask.sum(1)
-        capacity = torch.ceil(real * config.num_experts_per_tok / E * config.capacity_factor).long()
-        # rank of each token among the sequence's tokens routed to the same expert, by weight
-        order = dense.masked_fill(~assignment, -1.0).argsort(dim=1, descending=True, stable=True)
-        rank = order.argsort(dim=1, stable=True)
-        assignment &= rank < capacity.view(B, 1, 1)
-        keep = assignment.gather(-1, indices)
-        weights = weights * keep
+        real = groups.scatter(padding_mask, False).sum(1)
+        group_capacity = torch.ceil(real * config.num_experts_per_tok / E * config.capacity_factor).long()
+        # rank of each token among its group's tokens routed to the same expert, by weight
+        dense = torch.full_like(scores, -1.0).scatter(-1, indices, weights.masked_fill(weights == 0, -1.0))
+        rank = groups.scatter(dense, -1.0).argsort(dim=1, descending=True, stable=True).argsort(dim=1, stable=True)
+        keep = groups.gather(rank < group_capacity.view(-1, 1, 1))
+        weights = weights * keep.gather(-1, indices)
+        capacity = groups.per_sequence_sum(group_capacity)
     return RoutingDecision(
         router_logits=logits,
-        assignment=assignment,
         expert_index=indices.reshape(B * L, -1),
         expert_weights=weights.reshape(B * L, -1).to(logits.dtype),
         capacity=capacity,
@@ -151,43 +166,54 @@ def token_choice(logits, scores, expert_bias, padding_mask, config, allowed=None
     )
 
 
-def expert_choice(logits: torch.Tensor, padding_mask: torch.Tensor, k_per_seq: torch.Tensor) -> RoutingDecision:
-    """Each expert picks, within each sequence, its C_b highest-logit real tokens.
+def expert_choice(
+    logits: torch.Tensor, padding_mask: torch.Tensor, k_per_seq: torch.Tensor, groups: GroupedView
+) -> RoutingDecision:
+    """Each expert picks, within each capacity group, its C highest-logit real tokens,
+    C = max(floor(T_real * k_b / E), 1) (never more than the T_real real tokens).
 
-    Shapes are static: every sequence uses C_max = max_b C_b slots per expert, and slots
-    beyond its own C_b get gate 0. A token's gates are a softmax over the logits of the
-    experts that chose it; tokens nobody chose get no routed output.
+    Shapes are static: every group uses C_max slots per expert, and slots beyond its own C
+    get gate 0. A token's gates are a softmax over the logits of the experts that chose it;
+    tokens nobody chose get no routed output.
     """
-    B, L, E = logits.shape
-    capacity = expert_capacity(k_per_seq, padding_mask.sum(1), E)  # [B]
-    c_max = int(min(capacity.max().item(), L))
-    masked = logits.masked_fill(~padding_mask.unsqueeze(-1), _MASKED).transpose(1, 2)  # [B, E, L]
-    token_index = masked.topk(c_max, dim=-1).indices  # [B, E, C]
-    slot_used = torch.arange(c_max, device=logits.device).view(1, 1, c_max) < capacity.view(B, 1, 1)
-    slot_used = slot_used & padding_mask.gather(1, token_index.flatten(1)).view(B, E, c_max)
-    chosen = torch.zeros(B, E, L, dtype=torch.bool, device=logits.device)
-    chosen.scatter_(-1, token_index, slot_used)
-    chosen = chosen.transpose(1, 2)  # [B, L, E]
+    E = logits.shape[-1]
+    grouped_logits = groups.scatter(logits, _MASKED)  # [G, S, E]
+    grouped_real = groups.scatter(padding_mask, False)  # [G, S]
+    real = grouped_real.sum(1)
+    capacity = torch.minimum(expert_capacity(k_per_seq[groups.sequence_of_group], real, E), real)  # [G]
+    c_max = max(int(capacity.max().item()), 1)
+    masked = grouped_logits.masked_fill(~grouped_real.unsqueeze(-1), _MASKED).transpose(1, 2)  # [G, E, S]
+    slots = masked.topk(c_max, dim=-1).indices  # [G, E, C]
+    slot_used = torch.arange(c_max, device=logits.device).view(1, 1, c_max) < capacity.view(-1, 1, 1)
+    slot_used = slot_used.expand_as(slots)
+    chosen = torch.zeros_like(masked, dtype=torch.bool).scatter_(-1, slots, slot_used).transpose(1, 2)
+    chosen = groups.gather(chosen)  # [B, L, E]
     token_gates = logits.masked_fill(~chosen, float("-inf")).softmax(dim=-1).nan_to_num(0.0)  # [B, L, E]
-    gates = token_gates.transpose(1, 2).gather(-1, token_index) * slot_used  # [B, E, C]
+    gates = groups.scatter(token_gates, 0.0).transpose(1, 2).gather(-1, slots) * slot_used  # [G, E, C]
+    G = slots.shape[0]
+    token_index = groups.flat_index.gather(1, slots.view(G, -1)).view_as(slots)
     return RoutingDecision(
-        router_logits=logits, assignment=chosen, token_index=token_index, gates=gates, capacity=capacity
+        router_logits=logits,
+        token_index=token_index,
+        gates=gates,
+        capacity=groups.per_sequence_sum(capacity),
+        _assignment=chosen,
     )
 
 
-def block_coreset(scores, expert_bias, padding_mask, position_ids, config) -> torch.Tensor:
-    """dMoE: the experts every token of an aligned chunk may use ([B, L, E] bool).
+def block_coreset(scores, expert_bias, padding_mask, chunk_ids, config) -> torch.Tensor:
+    """dMoE: the experts every token of a chunk may use ([B, L, E] bool).
 
-    Each real token votes with its own top-k biased scores; the chunk keeps the smallest
-    prefix of experts (by votes) whose mass reaches `block_router_top_p`, and at least the
-    top `block_router_min_experts`.
+    Each real token votes with its own top-k biased scores; the chunk (`chunk_ids` from
+    `chunk_runs(position_ids, block_router_size)`) keeps the smallest prefix of experts (by
+    votes) whose mass reaches `block_router_top_p`, and at least the top
+    `block_router_min_experts`.
     """
     B, L, E = scores.shape
     biased = scores + expert_bias.to(scores.dtype)
     top = biased.topk(config.num_experts_per_tok, dim=-1)
     votes = torch.zeros_like(scores).scatter(-1, top.indices, top.values) * padding_mask.unsqueeze(-1)
-    chunk = torch.div(position_ids, config.block_router_size, rounding_mode="floor")
-    chunk = chunk - chunk.min(dim=1, keepdim=True).values  # only relative chunk ids matter
+    chunk = chunk_ids
     num_chunks = int(chunk.max().item()) + 1
     chunk_votes = scores.new_zeros(B, num_chunks, E).scatter_add_(1, chunk.unsqueeze(-1).expand(-1, -1, E), votes)
     chunk_votes = chunk_votes / chunk_votes.sum(-1, keepdim=True).clamp_min(1e-20)

@@ -1,0 +1,63 @@
+"""Routing groups: the tokens that compete for expert capacity, or share a dMoE coreset.
+
+For a bidirectional model a capacity group is a whole sequence. For a block-causal model it
+is one attention block: if tokens of a later block competed with an earlier block for an
+expert's capacity, the earlier block's output would depend on the later block, breaking
+block causality and with it the exact KV cache. dMoE coresets use chunks of
+`block_router_size` positions.
+
+A group is a maximal run of consecutive tokens whose positions fall in the same aligned
+chunk. Defined on positions, it needs no special case for left padding, a KV cache
+(positions continue from the prefix) or the two-stream [x_t ; x_0] training input
+(positions restart at 0 in the second half).
+"""
+
+import torch
+
+
+def chunk_runs(position_ids: torch.Tensor, chunk_size: int | None) -> torch.Tensor:
+    """Group id of every token ([B, L] long, from 0 in each sequence); one group if chunk_size is None."""
+    if chunk_size is None:
+        return torch.zeros_like(position_ids)
+    chunk = torch.div(position_ids, chunk_size, rounding_mode="floor")
+    starts = torch.ones_like(chunk, dtype=torch.bool)
+    starts[:, 1:] = chunk[:, 1:] != chunk[:, :-1]
+    return starts.long().cumsum(1) - 1
+
+
+class GroupedView:
+    """Re-lays [B, L, ...] tensors as [B * G, S, ...]: one row per group, S = longest group.
+
+    With one group per sequence this is the identity, so the common case costs nothing.
+    """
+
+    def __init__(self, group_ids: torch.Tensor):
+        B, L = group_ids.shape
+        index = torch.arange(L, device=group_ids.device).expand(B, L)
+        starts = torch.ones_like(group_ids, dtype=torch.bool)
+        starts[:, 1:] = group_ids[:, 1:] != group_ids[:, :-1]
+        self.slot = index - torch.where(starts, index, 0).cummax(1).values
+        self.groups_per_sequence = int(group_ids.max().item()) + 1
+        self.size = int(self.slot.max().item()) + 1
+        self.row = torch.arange(B, device=group_ids.device).unsqueeze(1) * self.groups_per_sequence + group_ids
+        self.identity = self.groups_per_sequence == 1
+        self.batch_size, self.length = B, L
+        self.sequence_of_group = torch.arange(B * self.groups_per_sequence, device=group_ids.device).div(
+            self.groups_per_sequence, rounding_mode="floor"
+        )
+        flat = torch.arange(B * L, device=group_ids.device).view(B, L)
+        self.flat_index = self.scatter(flat, 0)  # [B*G, S]: row of each slot in the flattened [B*L] batch
+
+    def scatter(self, x: torch.Tensor, fill) -> torch.Tensor:
+        if self.identity:
+            return x
+        out = x.new_full((self.batch_size * self.groups_per_sequence, self.size, *x.shape[2:]), fill)
+        out[self.row, self.slot] = x
+        return out
+
+    def gather(self, y: torch.Tensor) -> torch.Tensor:
+        return y if self.identity else y[self.row, self.slot]
+
+    def per_sequence_sum(self, values: torch.Tensor) -> torch.Tensor:
+        """Sum a per-group [B*G] quantity over each sequence's groups -> [B]."""
+        return values.new_zeros(self.batch_size).index_add_(0, self.sequence_of_group, values)
