@@ -183,3 +183,18 @@ def test_base_model_and_bad_inputs():
         model(ids, attention_mask=torch.ones(2, 4))
     with pytest.raises(ValueError, match="input_ids"):
         model()
+
+
+@pytest.mark.parametrize("router", ["token_choice", "block"])
+def test_experts_implementations_agree(router):
+    model = model_for(router_type=router, router_score_function="sigmoid", num_shared_experts=1)
+    ids = torch.randint(1, MASK_ID, (2, 10))
+    padding = torch.tensor([[0] * 4 + [1] * 6, [1] * 10])
+    outputs = {}
+    for implementation in ("eager", "grouped_mm", "batched_mm"):
+        model.set_experts_implementation(implementation)
+        assert model.config._experts_implementation == implementation
+        outputs[implementation] = model(ids, attention_mask=padding).logits
+    real = padding.bool()
+    torch.testing.assert_close(outputs["eager"][real], outputs["grouped_mm"][real], atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(outputs["eager"][real], outputs["batched_mm"][real], atol=1e-5, rtol=1e-5)
