@@ -1,4 +1,4 @@
 from .generation_config_diffusion import DiffusionGenerationConfig
-from .generation_utils import DiffusionGenerationMixin
+from .generation_utils import DiffusionGenerateOutput, DiffusionGenerationMixin
 
-__all__ = ["DiffusionGenerationConfig", "DiffusionGenerationMixin"]
+__all__ = ["DiffusionGenerationConfig", "DiffusionGenerateOutput", "DiffusionGenerationMixin"]

@@ -1,0 +1,137 @@
+"""Generation speed and routing footprint on a small random block-causal MoE (DESIGN 5).
+
+    python benchmarks/generation.py [--layers 4 --hidden 256 --experts 32 --top-k 4 --prompt 256 --new 256 --block 32]
+
+One run prints one table, side by side:
+  (a) a plain LLaDA-style loop that re-runs the whole sequence at every step,
+  (b) our generate() without a cache, (c) with the exact prefix cache,
+  (d) confidence threshold on vs off, (e) batch 1 vs batch 8,
+  (f) unique routed experts per layer per denoising forward, token choice vs block routing.
+The model is random; its lm_head is scaled up (--sharpen) so that its predictions are about
+as confident as a trained model's and the threshold rule has something to act on. Times are
+CPU seconds of this process with --threads torch threads (default 1), which stay meaningful
+when other jobs share the machine; tokens/s = generated tokens / CPU seconds. Block routing
+uses the paper's top-p 0.6 with block_router_min_experts = top-k.
+"""
+
+import argparse
+import time
+
+import torch
+
+from diffusion_moe.configuration.configuration_diffusion_moe import DiffusionMoeConfig
+from diffusion_moe.modeling.modeling_diffusion_moe import DiffusionMoeForMaskedLM
+
+
+def build(args, router_type):
+    torch.manual_seed(0)
+    config = DiffusionMoeConfig(
+        vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=2 * args.hidden,
+        num_hidden_layers=args.layers, num_attention_heads=args.hidden // 64, num_key_value_heads=args.hidden // 64,
+        num_experts=args.experts, num_experts_per_tok=args.top_k, moe_intermediate_size=args.hidden // 2,
+        router_type=router_type, router_score_function="sigmoid", attention_layout="block_causal",
+        block_size=args.block, block_router_size=args.block, block_router_min_experts=args.top_k,
+        mask_token_id=args.vocab - 1, eos_token_id=None, pad_token_id=0,
+    )
+    model = DiffusionMoeForMaskedLM(config).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(args.sharpen)
+    return model
+
+
+@torch.no_grad()
+def naive_generate(model, ids, new_tokens, block_length, steps, mask_id):
+    """LLaDA's reference loop, written plainly: the whole sequence is re-run at every step."""
+    P = ids.shape[1]
+    num_blocks = -(-(P + new_tokens) // block_length)
+    x = torch.full((ids.shape[0], num_blocks * block_length), mask_id)
+    x[:, :P] = ids
+    quota = [block_length // steps + (1 if j < block_length % steps else 0) for j in range(steps)]
+    forwards = 0
+    for blk in range(P // block_length, num_blocks):
+        s, e = blk * block_length, (blk + 1) * block_length
+        for q in quota:
+            masked = x[:, s:e] == mask_id
+            if not masked.any():
+                break
+            logits = model(x).logits[:, s:e].float()
+            forwards += 1
+            logits[..., mask_id] = float("-inf")
+            confidence, predicted = logits.softmax(-1).max(-1)
+            confidence = confidence.masked_fill(~masked, float("-inf"))
+            commit = torch.zeros_like(masked).scatter(-1, confidence.topk(q, dim=-1).indices, True) & masked
+            x[:, s:e] = torch.where(commit, predicted, x[:, s:e])
+    return x[:, : P + new_tokens], forwards
+
+
+def timed(fn):
+    """(result, CPU seconds of this process): steadier than wall time on a machine shared with other jobs."""
+    start = time.process_time()
+    result = fn()
+    return result, time.process_time() - start
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    for name, default in [("layers", 4), ("hidden", 256), ("experts", 32), ("top-k", 4), ("vocab", 1024),
+                          ("prompt", 256), ("new", 256), ("block", 32), ("steps", 8), ("batch", 8)]:
+        parser.add_argument(f"--{name}", type=int, default=default)
+    parser.add_argument("--threshold", type=float, default=0.9)
+    parser.add_argument("--sharpen", type=float, default=30.0)
+    parser.add_argument("--threads", type=int, default=1)
+    args = parser.parse_args()
+    torch.set_num_threads(args.threads)
+
+    model = build(args, "token_choice")
+    mask_id = model.config.mask_token_id
+    gen = torch.Generator().manual_seed(1)
+    prompts = torch.randint(1, args.vocab - 1, (args.batch, args.prompt), generator=gen)
+    one = prompts[:1]
+    settings = dict(max_new_tokens=args.new, block_length=args.block, steps=args.steps, return_dict_in_generate=True)
+    model.generate(one, **{**settings, "max_new_tokens": args.block})  # warm-up
+
+    print(f"model: {args.layers} layers, H={args.hidden}, {args.experts} experts top-{args.top_k}, vocab {args.vocab}; "
+          f"prompt {args.prompt}, {args.new} new tokens, block {args.block}, {args.steps} steps/block; "
+          f"torch threads {torch.get_num_threads()}")
+    print(f"{'run':32s} {'batch':>5s} {'CPU s':>8s} {'forwards':>8s} {'tokens/s':>9s} {'unique experts/layer':>21s}")
+    rows = []
+
+    def add(name, batch, seconds, forwards, unique=None):
+        rows.append((name, batch, seconds, forwards, batch * args.new / seconds, unique))
+        shown = f"{unique:.2f}" if unique is not None else "-"
+        print(f"{name:32s} {batch:5d} {seconds:8.2f} {forwards:8d} {rows[-1][4]:9.1f} {shown:>21s}", flush=True)
+
+    (naive, naive_forwards), t = timed(lambda: naive_generate(model, one, args.new, args.block, args.steps, mask_id))
+    add("(a) naive full re-run", 1, t, naive_forwards)
+    out_b, t = timed(lambda: model.generate(one, **settings, use_cache=False))
+    add("(b) ours, no cache", 1, t, out_b.num_forward_passes)
+    out_c, t = timed(lambda: model.generate(one, **settings))
+    add("(c) ours, exact cache", 1, t, out_c.num_forward_passes, unique=out_c.router_stats["unique_experts_per_layer"])
+    out_d, t = timed(lambda: model.generate(one, **settings, threshold=args.threshold))
+    add(f"(d) cache + threshold {args.threshold}", 1, t, out_d.num_forward_passes)
+    out_e, t = timed(lambda: model.generate(prompts, **settings))
+    add(f"(e) cache, batch {args.batch}", args.batch, t, out_e.num_forward_passes)
+    block_model = build(args, "block")
+    block_model.load_state_dict(model.state_dict())  # same weights, only the routing policy differs
+    out_f, t = timed(lambda: block_model.generate(one, **settings))
+    add("(f) cache, block routing", 1, t, out_f.num_forward_passes,
+        unique=out_f.router_stats["unique_experts_per_layer"])
+
+    same = torch.equal(naive, out_b.sequences) and torch.equal(out_b.sequences, out_c.sequences)
+    tps = {row[0][:3]: row[4] for row in rows}
+    print()
+    print(f"outputs (a) == (b) == (c): {same}")
+    print(f"cache speed-up vs naive (c)/(a):          {tps['(c)'] / tps['(a)']:.2f}x  (target >= 3x)")
+    print(f"cache speed-up vs uncached (c)/(b):       {tps['(c)'] / tps['(b)']:.2f}x")
+    print(f"threshold on/off tokens/s (d)/(c):        {tps['(d)'] / tps['(c)']:.2f}x  "
+          f"({out_d.num_forward_passes} vs {out_c.num_forward_passes} forwards)")
+    print(f"batch {args.batch} / batch 1 tokens/s (e)/(c):      {tps['(e)'] / tps['(c)']:.2f}x  (target >= 4x)")
+    tc, block = out_c.router_stats, out_f.router_stats
+    ratio = block["unique_experts_per_layer"] / tc["unique_experts_per_layer"]
+    print(f"unique experts/layer block / token choice: {ratio:.2f}"
+          f"  (target <= 0.5); expert bytes per forward {block['expert_bytes_per_forward'] / 2**20:.2f} MiB vs "
+          f"{tc['expert_bytes_per_forward'] / 2**20:.2f} MiB")
+
+
+if __name__ == "__main__":
+    main()
