@@ -23,7 +23,7 @@ from ..generation.generation_utils import DiffusionGenerationMixin
 from .attention_masks import build_attention_mask, positions_from_padding
 from .diffusion_loss import masked_diffusion_loss
 from .experts import DiffusionMoeExperts
-from .remote_code import save_remote_code
+from .remote_code import AUTO_MAP, save_remote_code
 from .routing import DiffusionMoeRouter, RouterStats, load_balancing_loss, router_stats, z_loss
 
 
@@ -282,11 +282,7 @@ class DiffusionMoePreTrainedModel(PreTrainedModel):
 
     def save_pretrained(self, save_directory, *args, **kwargs):
         """Save weights and config, plus the flat remote-code files that `auto_map` points at."""
-        self.config.auto_map = {
-            "AutoConfig": "configuration_diffusion_moe.DiffusionMoeConfig",
-            "AutoModel": "modeling_diffusion_moe.DiffusionMoeModel",
-            "AutoModelForMaskedLM": "modeling_diffusion_moe.DiffusionMoeForMaskedLM",
-        }
+        self.config.auto_map = dict(AUTO_MAP)
         super().save_pretrained(save_directory, *args, **kwargs)
         if kwargs.get("is_main_process", True):
             save_remote_code(save_directory)

@@ -25,6 +25,12 @@ REMOTE_CODE_FILES = (
     "generation_utils.py",
 )
 
+AUTO_MAP = {
+    "AutoConfig": "configuration_diffusion_moe.DiffusionMoeConfig",
+    "AutoModel": "modeling_diffusion_moe.DiffusionMoeModel",
+    "AutoModelForMaskedLM": "modeling_diffusion_moe.DiffusionMoeForMaskedLM",
+}
+
 _HERE = Path(__file__).resolve().parent
 _SEARCH_DIRS = (_HERE, _HERE.parent / "configuration", _HERE.parent / "generation", _HERE.parent / "modeling")
 _RELATIVE_IMPORT = re.compile(r"^(\s*)from \.+(?:\w+\.)*(\w+) import ", re.MULTILINE)

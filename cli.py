@@ -1,0 +1,60 @@
+"""The `diffusion-moe` command line.
+
+    diffusion-moe convert llada2 SRC DST [--mask-token-id N] [--eos-token-id N] [--dtype D] [--overwrite]
+    diffusion-moe convert to-llada2 SRC DST [--dtype D] [--overwrite]
+"""
+
+import argparse
+import sys
+
+from .conversion.llada2 import (
+    DTYPES,
+    LLADA2_EOS_TOKEN_ID,
+    LLADA2_MASK_TOKEN_ID,
+    convert_diffusion_moe_to_llada2,
+    convert_llada2_to_diffusion_moe,
+)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="diffusion-moe", description=__doc__.splitlines()[0])
+    commands = parser.add_subparsers(dest="command", required=True)
+    convert = commands.add_parser("convert", help="convert checkpoints between formats")
+    formats = convert.add_subparsers(dest="format", required=True)
+
+    def common(sub):
+        sub.add_argument("src", help="source checkpoint folder (config.json + safetensors)")
+        sub.add_argument("dst", help="output folder (must be empty or absent unless --overwrite)")
+        sub.add_argument("--dtype", choices=tuple(DTYPES), default="auto", help="weights dtype (auto: keep)")
+        sub.add_argument("--overwrite", action="store_true", help="replace a non-empty DST once the new one is written")
+        sub.add_argument("--max-shard-size", default="5GB", help="largest output shard, e.g. 5GB or 500MB")
+
+    llada2 = formats.add_parser("llada2", help="LLaDA2-MoE (or dMoE) checkpoint -> diffusion-moe")
+    common(llada2)
+    llada2.add_argument("--mask-token-id", type=int, default=LLADA2_MASK_TOKEN_ID)
+    llada2.add_argument("--eos-token-id", type=int, default=LLADA2_EOS_TOKEN_ID)
+    common(formats.add_parser("to-llada2", help="diffusion-moe checkpoint -> LLaDA2-MoE layout"))
+    return parser
+
+
+def main(argv=None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.format == "llada2":
+            dst = convert_llada2_to_diffusion_moe(
+                args.src, args.dst, mask_token_id=args.mask_token_id, eos_token_id=args.eos_token_id,
+                dtype=args.dtype, overwrite=args.overwrite, max_shard_size=args.max_shard_size,
+            )
+        else:
+            dst = convert_diffusion_moe_to_llada2(
+                args.src, args.dst, dtype=args.dtype, overwrite=args.overwrite, max_shard_size=args.max_shard_size
+            )
+    except (ValueError, FileNotFoundError, FileExistsError) as error:
+        print(f"diffusion-moe: error: {error}", file=sys.stderr)
+        return 2
+    print(f"wrote {dst}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

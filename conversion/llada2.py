@@ -1,0 +1,448 @@
+"""Convert LLaDA2-MoE checkpoints (LLaDA2.0-mini, dMoE-16B) to diffusion-moe and back (DESIGN 6).
+
+Configs are mapped as dicts and tensors one at a time, so no model is ever built: a
+converted 16B checkpoint needs about one shard of memory, not the model. The only
+tensors that need more than a rename are attention's fused `query_key_value` (split into
+q/k/v) and the routed experts (E separate SwiGLU experts <-> one fused [E, 2I, H]
+`gate_up_proj` and [E, H, I] `down_proj` per layer, buffered one layer at a time).
+
+    LLaDA2 (model.layers.{i}.)           diffusion-moe (model.layers.{i}.)
+    attention.query_key_value            self_attn.{q,k,v}_proj   (rows [Q heads | K heads | V heads])
+    attention.dense                      self_attn.o_proj
+    attention.{query,key}_layernorm      self_attn.{q,k}_norm
+    mlp.experts.{e}.{gate,up}_proj       mlp.experts.gate_up_proj[e] = [gate; up]
+    mlp.experts.{e}.down_proj            mlp.experts.down_proj[e]
+    model.word_embeddings                model.embed_tokens
+    (norms, dense mlp, mlp.gate.weight, mlp.gate.expert_bias, mlp.shared_experts, lm_head: same names)
+"""
+
+import re
+from pathlib import Path
+
+import torch
+from transformers.utils import logging
+
+from ..configuration.configuration_diffusion_moe import DiffusionMoeConfig
+from ..modeling.remote_code import AUTO_MAP, save_remote_code
+from .checkpoint_io import (
+    ShardWriter,
+    atomic_output_dir,
+    check_destination,
+    copy_other_files,
+    iter_tensors,
+    read_json,
+    parse_size,
+    shard_files,
+    tensor_shapes,
+    write_json,
+)
+
+logger = logging.get_logger(__name__)
+
+LLADA2_MASK_TOKEN_ID = 156895
+LLADA2_EOS_TOKEN_ID = 156892
+DTYPES = {"auto": None, "float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}
+
+# LLaDA2's own config defaults (LLaDA2MoeConfig.__init__), used when config.json omits a field.
+_LLADA2_DEFAULTS = {
+    "hidden_act": "silu",
+    "use_qkv_bias": False,
+    "use_qk_norm": True,
+    "use_bias": True,
+    "rms_norm_eps": 1e-5,
+    "norm_head": False,
+    "tie_word_embeddings": False,
+    "max_position_embeddings": 16384,
+    "rope_theta": 10000.0,
+    "rope_scaling": None,
+    "num_shared_experts": 0,
+    "n_group": 8,
+    "topk_group": 4,
+    "routed_scaling_factor": 2.5,
+    "first_k_dense_replace": 0,
+    "partial_rotary_factor": 0.5,
+    "norm_topk_prob": True,
+    "score_function": "sigmoid",
+}
+_LLADA2_REQUIRED = (
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "num_experts", "num_experts_per_tok", "moe_intermediate_size",
+)
+# LLaDA2 fields that carry over unchanged (same name and meaning in DiffusionMoeConfig).
+_SHARED_FIELDS = (
+    "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
+    "num_key_value_heads", "head_dim", "hidden_act", "rms_norm_eps", "rope_theta", "partial_rotary_factor",
+    "use_qk_norm", "max_position_embeddings", "tie_word_embeddings", "num_experts", "num_experts_per_tok",
+    "moe_intermediate_size", "num_shared_experts", "first_k_dense_replace", "n_group", "topk_group",
+    "routed_scaling_factor", "norm_topk_prob",
+)
+# Every LLaDA2 field that decides the computation: a round trip must preserve these.
+LLADA2_MODEL_FIELDS = (*_SHARED_FIELDS, "model_type", "score_function", "use_bias", "use_qkv_bias", "norm_head",
+                       "rope_scaling", "pad_token_id")
+_DMOE_BLOCK_SIZE = 32  # dMoE's gate votes over fixed 32-token chunks
+_EXPERT_PROJS = ("gate_proj", "up_proj", "down_proj")
+
+
+def llada2_field(config: dict, name: str):
+    """A field of a LLaDA2 config dict, with LLaDA2's default when absent."""
+    if name == "head_dim" and config.get("head_dim") is None:
+        return config["hidden_size"] // config["num_attention_heads"]
+    return config.get(name, _LLADA2_DEFAULTS.get(name))
+
+
+def diffusion_moe_config_from_llada2(
+    llada2: dict, mask_token_id: int = LLADA2_MASK_TOKEN_ID, eos_token_id: int = LLADA2_EOS_TOKEN_ID
+) -> DiffusionMoeConfig:
+    """Map a LLaDA2 (or dMoE) `config.json` dict to a validated DiffusionMoeConfig.
+
+    A dMoE config (`mode="aggregate"`, `core_threshold`) becomes `router_type="block"` with
+    `block_router_top_p=core_threshold`; plain LLaDA2 becomes sigmoid token choice.
+    """
+    if llada2.get("model_type") != "llada2_moe":
+        raise ValueError(f"config.json: `model_type` must be 'llada2_moe'; got {llada2.get('model_type')!r}")
+    missing = [name for name in _LLADA2_REQUIRED if llada2.get(name) is None]
+    if missing:
+        raise ValueError(f"config.json: LLaDA2 config lacks required fields {missing}")
+    for flag in ("use_bias", "use_qkv_bias", "norm_head"):
+        if llada2_field(llada2, flag):
+            raise ValueError(
+                f"config.json: `{flag}` must be false; got {llada2_field(llada2, flag)!r} "
+                "(diffusion-moe models have no linear biases and an unnormalised lm_head)"
+            )
+    if llada2_field(llada2, "rope_scaling"):
+        raise ValueError(f"config.json: `rope_scaling` must be null; got {llada2['rope_scaling']!r} (not supported)")
+    if llada2.get("use_rmsnorm", True) is not True:
+        raise ValueError(f"config.json: `use_rmsnorm` must be true; got {llada2['use_rmsnorm']!r} (RMSNorm only)")
+    for name, value in (("mask_token_id", mask_token_id), ("eos_token_id", eos_token_id)):
+        if not isinstance(value, int) or not 0 <= value < llada2["vocab_size"]:
+            raise ValueError(f"`{name}` must be a token id in [0, vocab_size={llada2['vocab_size']}); got {value!r}")
+    fields = {name: llada2_field(llada2, name) for name in _SHARED_FIELDS}
+    fields.update(
+        router_score_function=llada2_field(llada2, "score_function"),
+        attention_layout="block_causal",
+        block_size=32,
+        mask_token_id=mask_token_id,
+        eos_token_id=eos_token_id,
+        pad_token_id=llada2.get("pad_token_id", eos_token_id),
+        bos_token_id=llada2.get("bos_token_id"),
+    )
+    if "mode" in llada2 or "core_threshold" in llada2:
+        if llada2.get("mode", "aggregate") != "aggregate":
+            raise ValueError(f"config.json: dMoE `mode` must be 'aggregate'; got {llada2['mode']!r}")
+        top_p = llada2.get("core_threshold", 0.6)
+        fields.update(router_type="block", block_router_size=_DMOE_BLOCK_SIZE, block_router_top_p=top_p)
+    config = DiffusionMoeConfig(**fields)
+    config.architectures = ["DiffusionMoeForMaskedLM"]
+    config.auto_map = dict(AUTO_MAP)
+    return config
+
+
+def llada2_config_from_diffusion_moe(config: DiffusionMoeConfig) -> dict:
+    """The LLaDA2 `config.json` dict of a diffusion-moe config (block routing -> dMoE fields)."""
+    if config.router_score_function != "sigmoid":
+        raise ValueError(
+            f"`router_score_function` must be 'sigmoid' to convert to LLaDA2; got {config.router_score_function!r}"
+        )
+    if config.router_type == "expert_choice" or config.capacity_factor is not None:
+        logger.warning(
+            "LLaDA2 routes by dropless token choice: the converted checkpoint keeps the weights, but not "
+            f"router_type={config.router_type!r} / capacity_factor={config.capacity_factor!r}."
+        )
+    out = {name: getattr(config, name) for name in _SHARED_FIELDS}
+    out.update(
+        model_type="llada2_moe",
+        architectures=["LLaDA2MoeModelLM"],
+        score_function="sigmoid",
+        use_bias=False,
+        use_qkv_bias=False,
+        norm_head=False,
+        rope_scaling=None,
+        pad_token_id=config.pad_token_id,
+        eos_token_id=config.eos_token_id,
+    )
+    if config.bos_token_id is not None:
+        out["bos_token_id"] = config.bos_token_id
+    if config.router_type == "block":
+        out.update(mode="aggregate", core_threshold=config.block_router_top_p)
+    return out
+
+
+def llada2_generation_config(mask_token_id: int, eos_token_id: int, pad_token_id: int) -> dict:
+    """LLaDA2's `generate` defaults, under DiffusionGenerationConfig's field names."""
+    return {
+        "max_new_tokens": 2048,
+        "block_length": 32,
+        "steps": 32,
+        "temperature": 0.0,
+        "top_k": None,
+        "top_p": None,
+        "remasking": "low_confidence",
+        "threshold": 0.95,
+        "eos_early_stop": False,
+        "mask_token_id": mask_token_id,
+        "pad_token_id": pad_token_id,
+        "eos_token_id": eos_token_id,
+        "use_cache": True,
+    }
+
+
+class _Group:
+    """Source tensors that together make some output tensors; `build` runs once all have arrived."""
+
+    def __init__(self, keys, build):
+        self.pending = set(keys)
+        self.pieces = {}
+        self.build = build
+
+    def add(self, key, tensor) -> dict:
+        self.pieces[key] = tensor
+        self.pending.discard(key)
+        if self.pending:
+            return {}
+        out, self.pieces = self.build(self.pieces), {}
+        return out
+
+
+class _FusedExperts(_Group):
+    """One layer's E LLaDA2 experts, copied into [E, 2I, H] gate_up / [E, H, I] down as they
+    arrive, so a layer is held once, and only until its last expert has been read."""
+
+    def __init__(self, theirs, ours, num_experts, intermediate, hidden):
+        super().__init__([f"{theirs}.{e}.{p}.weight" for e in range(num_experts) for p in _EXPERT_PROJS], None)
+        self.ours, self.shape = ours, (num_experts, intermediate, hidden)
+        self.pattern = re.compile(re.escape(theirs) + r"\.(\d+)\.(\w+)\.weight")
+        self.gate_up = self.down = None
+
+    def add(self, key, tensor) -> dict:
+        E, I, H = self.shape
+        if self.gate_up is None:
+            self.gate_up, self.down = tensor.new_empty(E, 2 * I, H), tensor.new_empty(E, H, I)
+        e, proj = self.pattern.fullmatch(key).groups()
+        e = int(e)
+        if proj == "gate_proj":  # rows [gate; up]: transformers' `_apply_gate` activates the first half
+            self.gate_up[e, :I] = tensor
+        elif proj == "up_proj":
+            self.gate_up[e, I:] = tensor
+        else:
+            self.down[e] = tensor
+        self.pending.discard(key)
+        if self.pending:
+            return {}
+        out = {f"{self.ours}.gate_up_proj": self.gate_up, f"{self.ours}.down_proj": self.down}
+        self.gate_up = self.down = None
+        return out
+
+
+def _rename(src, dst):
+    return _Group([src], lambda pieces: {dst: pieces[src]})
+
+
+def _layout(llada2: dict) -> tuple[list, list, list, dict]:
+    """The correspondence of the two layouts, for a LLaDA2 config:
+    renames [(theirs, ours, shape)], attention [(qkv key, our self_attn prefix)],
+    experts [(their experts prefix, our experts prefix)], and the sizes."""
+    c = {name: llada2_field(llada2, name) for name in (*_SHARED_FIELDS, "head_dim")}
+    H, hd = c["hidden_size"], c["head_dim"]
+    sizes = {"H": H, "E": c["num_experts"], "I": c["moe_intermediate_size"], "q": c["num_attention_heads"] * hd,
+             "kv": c["num_key_value_heads"] * hd}
+
+    def mlp(theirs, ours, size):
+        return [(f"{theirs}.{p}.weight", f"{ours}.{p}.weight", (H, size) if p == "down_proj" else (size, H))
+                for p in _EXPERT_PROJS]
+
+    renames = [("model.word_embeddings.weight", "model.embed_tokens.weight", (c["vocab_size"], H)),
+               ("model.norm.weight", "model.norm.weight", (H,))]
+    if not c["tie_word_embeddings"]:
+        renames.append(("lm_head.weight", "lm_head.weight", (c["vocab_size"], H)))
+    attention, experts = [], []
+    for i in range(c["num_hidden_layers"]):
+        layer = f"model.layers.{i}"
+        renames += [(f"{layer}.{n}.weight", f"{layer}.{n}.weight", (H,))
+                    for n in ("input_layernorm", "post_attention_layernorm")]
+        renames.append((f"{layer}.attention.dense.weight", f"{layer}.self_attn.o_proj.weight", (H, sizes["q"])))
+        if c["use_qk_norm"]:
+            renames += [(f"{layer}.attention.query_layernorm.weight", f"{layer}.self_attn.q_norm.weight", (hd,)),
+                        (f"{layer}.attention.key_layernorm.weight", f"{layer}.self_attn.k_norm.weight", (hd,))]
+        attention.append((f"{layer}.attention.query_key_value.weight", f"{layer}.self_attn"))
+        if i < c["first_k_dense_replace"]:
+            renames += mlp(f"{layer}.mlp", f"{layer}.mlp", c["intermediate_size"])
+            continue
+        renames += [(f"{layer}.mlp.gate.weight", f"{layer}.mlp.gate.weight", (sizes["E"], H)),
+                    (f"{layer}.mlp.gate.expert_bias", f"{layer}.mlp.gate.expert_bias", (sizes["E"],))]
+        if c["num_shared_experts"] > 0:
+            shared = c["moe_intermediate_size"] * c["num_shared_experts"]
+            renames += mlp(f"{layer}.mlp.shared_experts", f"{layer}.mlp.shared_experts", shared)
+        experts.append((f"{layer}.mlp.experts", f"{layer}.mlp.experts"))
+    return renames, attention, experts, sizes
+
+
+def _llada2_plan(llada2: dict) -> tuple[dict, dict]:
+    """LLaDA2 -> diffusion-moe: (source key -> its _Group, source key -> expected shape)."""
+    renames, attention, experts, s = _layout(llada2)
+    plan, shapes = {}, {}
+    for theirs, ours, shape in renames:
+        plan[theirs], shapes[theirs] = _rename(theirs, ours), shape
+    for qkv, attn in attention:
+
+        def split(pieces, qkv=qkv, attn=attn):  # rows [Q heads | K heads | V heads]
+            q, k, v = pieces[qkv].split([s["q"], s["kv"], s["kv"]])
+            return {f"{attn}.q_proj.weight": q.clone(), f"{attn}.k_proj.weight": k.clone(),
+                    f"{attn}.v_proj.weight": v.clone()}
+
+        plan[qkv], shapes[qkv] = _Group([qkv], split), (s["q"] + 2 * s["kv"], s["H"])
+    for theirs, ours in experts:
+        group = _FusedExperts(theirs, ours, s["E"], s["I"], s["H"])
+        for e in range(s["E"]):
+            for p in _EXPERT_PROJS:
+                key = f"{theirs}.{e}.{p}.weight"
+                plan[key], shapes[key] = group, (s["H"], s["I"]) if p == "down_proj" else (s["I"], s["H"])
+    return plan, shapes
+
+
+def _diffusion_moe_plan(config: DiffusionMoeConfig) -> tuple[dict, dict]:
+    """diffusion-moe -> LLaDA2, the inverse of `_llada2_plan`."""
+    renames, attention, experts, s = _layout(llada2_config_from_diffusion_moe(config))
+    plan, shapes = {}, {}
+    for theirs, ours, shape in renames:
+        plan[ours], shapes[ours] = _rename(ours, theirs), shape
+    for qkv, attn in attention:
+        parts = [f"{attn}.{p}_proj.weight" for p in "qkv"]
+        group = _Group(parts, lambda pieces, parts=parts, qkv=qkv: {qkv: torch.cat([pieces[p] for p in parts])})
+        for part, rows in zip(parts, (s["q"], s["kv"], s["kv"])):
+            plan[part], shapes[part] = group, (rows, s["H"])
+    for theirs, ours in experts:
+        E, I = s["E"], s["I"]
+
+        def split_gate_up(pieces, theirs=theirs, ours=ours):
+            w = pieces[f"{ours}.gate_up_proj"]
+            out = {f"{theirs}.{e}.gate_proj.weight": w[e, :I].clone() for e in range(E)}
+            return out | {f"{theirs}.{e}.up_proj.weight": w[e, I:].clone() for e in range(E)}
+
+        def split_down(pieces, theirs=theirs, ours=ours):
+            return {f"{theirs}.{e}.down_proj.weight": pieces[f"{ours}.down_proj"][e].clone() for e in range(E)}
+
+        gate_up, down = f"{ours}.gate_up_proj", f"{ours}.down_proj"
+        plan[gate_up], shapes[gate_up] = _Group([gate_up], split_gate_up), (E, 2 * I, s["H"])
+        plan[down], shapes[down] = _Group([down], split_down), (E, s["H"], I)
+    return plan, shapes
+
+
+def llada2_tensor_shapes(llada2: dict) -> dict[str, tuple[int, ...]]:
+    """Every tensor a LLaDA2 checkpoint with this config holds, with its shape."""
+    return _llada2_plan(llada2)[1]
+
+
+def _check_tensors(found: dict, expected: dict, where: Path) -> None:
+    missing = sorted(set(expected) - set(found))
+    if missing:
+        more = f" and {len(missing) - 5} more" if len(missing) > 5 else ""
+        raise ValueError(f"{where}: missing tensor(s) {missing[:5]}{more}")
+    unexpected = sorted(set(found) - set(expected))
+    if unexpected:
+        more = f" and {len(unexpected) - 5} more" if len(unexpected) > 5 else ""
+        raise ValueError(f"{where}: unexpected tensor(s) {unexpected[:5]}{more} (biases and extra modules are "
+                         "not supported)")
+    for key, shape in expected.items():
+        if tuple(found[key]) != tuple(shape):
+            raise ValueError(f"{where}: tensor {key!r} has shape {tuple(found[key])}, expected {tuple(shape)}")
+
+
+def _stream(files, plan, out_dir: Path, dtype, max_shard_size) -> str:
+    """Feed every source tensor to its group and write each finished output tensor.
+
+    Returns the name of the weights' dtype (for `config.json`)."""
+    writer = ShardWriter(out_dir, max_shard_size)
+    weights_dtype = dtype
+    for key, tensor in iter_tensors(files):
+        for name, out in plan[key].add(key, tensor).items():
+            if name.endswith("expert_bias"):
+                out = out.float()  # a router bias: kept in fp32 like the router logits
+            elif dtype is not None and out.is_floating_point():
+                out = out.to(dtype)
+            weights_dtype = weights_dtype or out.dtype
+            writer.add(name, out)
+    writer.close()
+    return str(weights_dtype).removeprefix("torch.")
+
+
+def _resolve_dtype(dtype):
+    if isinstance(dtype, torch.dtype) or dtype is None:
+        return dtype
+    if dtype not in DTYPES:
+        raise ValueError(f"`dtype` must be one of {tuple(DTYPES)}; got {dtype!r}")
+    return DTYPES[dtype]
+
+
+def convert_llada2_to_diffusion_moe(
+    src,
+    dst,
+    mask_token_id: int = LLADA2_MASK_TOKEN_ID,
+    eos_token_id: int = LLADA2_EOS_TOKEN_ID,
+    dtype=None,
+    overwrite: bool = False,
+    max_shard_size="5GB",
+) -> Path:
+    """Convert a local LLaDA2-MoE checkpoint folder into a diffusion-moe checkpoint folder.
+
+    `dst` gets fused-expert safetensors shards with an index, `config.json` (block-causal,
+    block 32, sigmoid group-limited token choice; block routing for dMoE), the flat
+    remote-code files and LLaDA2's generation defaults. `dtype`: "auto" / None keeps the
+    source dtype, else "float32", "bfloat16" or "float16". Nothing is written to `dst`
+    unless the whole conversion succeeds.
+    """
+    src, dst = Path(src), Path(dst)
+    dtype = _resolve_dtype(dtype)
+    parse_size(max_shard_size)
+    check_destination(dst.resolve(), overwrite)
+    llada2 = read_json(src / "config.json", "LLaDA2 config.json")
+    config = diffusion_moe_config_from_llada2(llada2, mask_token_id, eos_token_id)
+    files = shard_files(src)
+    plan, expected = _llada2_plan(llada2)
+    _check_tensors(tensor_shapes(files), expected, src)
+    with atomic_output_dir(dst, overwrite) as out:
+        config.dtype = _stream(files, plan, out, dtype, max_shard_size)
+        config.save_pretrained(out)
+        write_json(out / "generation_config.json",
+                   llada2_generation_config(mask_token_id, eos_token_id, config.pad_token_id))
+        save_remote_code(out)
+        copy_other_files(src, out)
+    return dst
+
+
+def convert_diffusion_moe_to_llada2(src, dst, dtype=None, overwrite: bool = False, max_shard_size="5GB") -> Path:
+    """Convert a diffusion-moe checkpoint folder back into the LLaDA2-MoE layout (split experts, fused qkv).
+
+    The weights convert exactly (bit-identical when `dtype` is kept); LLaDA2's own modeling
+    code is not included, so copy it (and its `auto_map`) from the original checkpoint.
+    """
+    src, dst = Path(src), Path(dst)
+    dtype = _resolve_dtype(dtype)
+    parse_size(max_shard_size)
+    check_destination(dst.resolve(), overwrite)
+    ours = read_json(src / "config.json", "diffusion-moe config.json")
+    if ours.get("model_type") != "diffusion_moe":
+        raise ValueError(f"config.json: `model_type` must be 'diffusion_moe'; got {ours.get('model_type')!r}")
+    config = DiffusionMoeConfig.from_dict(ours)
+    files = shard_files(src)
+    plan, expected = _diffusion_moe_plan(config)
+    _check_tensors(tensor_shapes(files), expected, src)
+    llada2 = llada2_config_from_diffusion_moe(config)
+    with atomic_output_dir(dst, overwrite) as out:
+        llada2["torch_dtype"] = _stream(files, plan, out, dtype, max_shard_size)
+        write_json(out / "config.json", llada2)
+        copy_other_files(src, out)
+    return dst
+
+
+__all__ = [
+    "LLADA2_EOS_TOKEN_ID",
+    "LLADA2_MASK_TOKEN_ID",
+    "LLADA2_MODEL_FIELDS",
+    "convert_diffusion_moe_to_llada2",
+    "convert_llada2_to_diffusion_moe",
+    "diffusion_moe_config_from_llada2",
+    "llada2_config_from_diffusion_moe",
+    "llada2_field",
+    "llada2_generation_config",
+    "llada2_tensor_shapes",
+]
