@@ -198,3 +198,12 @@ def test_experts_implementations_agree(router):
     real = padding.bool()
     torch.testing.assert_close(outputs["eager"][real], outputs["grouped_mm"][real], atol=1e-5, rtol=1e-5)
     torch.testing.assert_close(outputs["eager"][real], outputs["batched_mm"][real], atol=1e-5, rtol=1e-5)
+
+
+def test_embedding_accessors_and_tied_weights():
+    model = model_for(tie_word_embeddings=True)
+    assert model.get_input_embeddings() is model.model.embed_tokens
+    assert model.get_output_embeddings() is model.lm_head
+    assert model.lm_head.weight is model.model.embed_tokens.weight
+    model.resize_token_embeddings(70)
+    assert model.lm_head.weight.shape == (70, 32) and model.model(torch.tensor([[69]])).last_hidden_state.shape == (1, 1, 32)
