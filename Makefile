@@ -16,6 +16,9 @@ $(STAMP): setup.cfg pyproject.toml
 test: $(STAMP)
 	$(PY) -m pytest tests
 
+demo: $(STAMP)
+	$(PY) examples/demo.py --output_dir outputs/demo
+
 bench: $(STAMP)
 	$(PY) benchmarks/moe_layer.py
 

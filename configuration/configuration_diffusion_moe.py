@@ -245,6 +245,12 @@ class DiffusionMoeConfig(PretrainedConfig):
             _is_number(self.block_router_top_p) and 0 < self.block_router_top_p <= 1, "block_router_top_p",
             "a number in (0, 1]", self,
         )
+        if self.router_type == "block" and self.attention_layout == "block_causal":
+            _require(
+                self.block_size % self.block_router_size == 0, "block_router_size",
+                f"a divisor of block_size ({self.block_size}) for block-causal models, so that a coreset never "
+                "depends on a later attention block", self,
+            )
         _require(
             k <= self.block_router_min_experts <= E, "block_router_min_experts",
             f"an integer in [num_experts_per_tok={k}, num_experts={E}]", self,

@@ -6,9 +6,13 @@ Weightings (`config.loss_weighting`):
             t_b is the per-sequence `mask_ratio` when given, else the realised ratio
             (labelled tokens / real tokens).
     "none": mean CE over the labelled tokens (what LLaDA2 SFT used).
-`num_items_in_batch`, when given (Transformers' Trainer passes it under gradient
-accumulation), replaces the local normaliser so that accumulated micro-batches add up to
-the loss of the large batch.
+`num_items_in_batch`, when given, replaces the local normaliser (real tokens for "elbo",
+labelled tokens for "none"), so that the micro-batches of one optimizer step add up to
+the loss of the large batch. Transformers' Trainer computes it as the count of
+`labels != -100`, which is right for "none" only; `diffusion_moe.training.DiffusionTrainer`
+sums the per-batch normaliser that the diffusion collators put in each batch instead.
+With a 4-D (e.g. two-stream) attention mask every position counts as real here, so pass
+`num_items_in_batch` (the collators do) for the "elbo" normaliser of the noisy half.
 """
 
 import torch

@@ -1,10 +1,11 @@
 """Routed experts stored as fused 3-D tensors (the Transformers MoE layout).
 
 `gate_up_proj` [E, 2I, H] holds each expert's SwiGLU gate and up rows, `down_proj`
-[E, H, I] its output projection. Token-layout routing (token choice, block) goes through
-`forward`, which `use_experts_implementation` dispatches to Transformers' experts
-implementations (`grouped_mm` by default, `batched_mm`, or this file's `eager` loop, the
-portable fallback). Expert choice has static shapes and uses `forward_expert_choice`.
+[E, H, I] its output projection. Token-layout routing (token choice, block) is dispatched
+by `use_experts_implementation` to Transformers' experts implementations (`grouped_mm` by
+default, `batched_mm`, or this file's `eager` loop, the portable fallback). Expert choice
+has static shapes and its own dispatch. Both go through `forward`, so wrappers of the
+module (PEFT's LoRA on `target_parameters`, forward hooks) see every call.
 """
 
 import torch
@@ -14,7 +15,9 @@ from transformers.integrations import use_experts_implementation
 
 
 @use_experts_implementation
-class DiffusionMoeExperts(nn.Module):
+class DiffusionMoeTokenExperts(nn.Module):
+    """The fused expert weights and the token-layout forward (what the experts interface swaps)."""
+
     def __init__(self, config):
         super().__init__()
         self.num_experts = config.num_experts
@@ -47,14 +50,18 @@ class DiffusionMoeExperts(nn.Module):
         out = torch.cat(outputs) * weights.to(hidden_states.dtype)
         return torch.zeros_like(hidden_states).index_add_(0, token_of, out.to(hidden_states.dtype))
 
-    def forward_expert_choice(
-        self, hidden_states: torch.Tensor, token_index: torch.Tensor, gates: torch.Tensor
-    ) -> torch.Tensor:
-        """Expert-layout dispatch: gather -> two batched matmuls -> weighted scatter-add.
 
-        hidden_states [B, L, H]; token_index (rows of the flattened [B*L] batch) and gates,
-        both [G, E, C] for G capacity groups -> [B, L, H].
-        """
+class DiffusionMoeExperts(DiffusionMoeTokenExperts):
+    def forward(self, hidden_states, top_k_index=None, top_k_weights=None, *, token_index=None, gates=None):
+        """Token layout: hidden_states [T, H], top_k_index / top_k_weights [T, k] -> [T, H].
+        Expert layout (expert choice): hidden_states [B, L, H], `token_index` (rows of the
+        flattened [B*L] batch) and `gates`, both [G, E, C] -> [B, L, H]."""
+        if token_index is None:
+            return super().forward(hidden_states, top_k_index, top_k_weights)
+        return self._expert_choice(hidden_states, token_index, gates)
+
+    def _expert_choice(self, hidden_states, token_index, gates):
+        """One gather -> two batched matmuls -> one weighted scatter-add; no sorting, no padding."""
         B, L, H = hidden_states.shape
         G, E, C = token_index.shape
         rows = token_index.transpose(0, 1).reshape(-1)  # expert-major, so gathered rows are [E, G*C, H]

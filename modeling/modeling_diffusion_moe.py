@@ -200,7 +200,7 @@ class DiffusionMoeSparseMoeBlock(nn.Module):
         B, L, H = hidden_states.shape
         decision = self.gate(hidden_states, padding_mask, position_ids, mask_ratio)
         if decision.token_index is not None:
-            routed = self.experts.forward_expert_choice(hidden_states, decision.token_index, decision.gates)
+            routed = self.experts(hidden_states, token_index=decision.token_index, gates=decision.gates)
         else:
             weights = decision.expert_weights.to(hidden_states.dtype)
             routed = self.experts(hidden_states.reshape(B * L, H), decision.expert_index, weights)

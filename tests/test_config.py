@@ -47,6 +47,8 @@ def test_defaults_are_valid_and_derived_fields_follow_k():
         (dict(first_k_dense_replace=3), "first_k_dense_replace"),
         (dict(router_aux_loss_coef=-0.1), "router_aux_loss_coef"),
         (dict(loss_weighting="mean"), "loss_weighting"),
+        (dict(router_type="block", attention_layout="block_causal", block_size=16, block_router_size=32),
+         "block_router_size"),
     ],
 )
 def test_invalid_values_raise_naming_the_field(overrides, field):

@@ -63,7 +63,7 @@ print("OK", type(model).__name__)
 def test_remote_code_loads_in_a_fresh_interpreter_without_the_package(tmp_path, router):
     overrides = dict(router_type=router, attention_layout="block_causal", block_size=4)
     if router == "block":
-        overrides.update(router_score_function="sigmoid", n_group=4, topk_group=2)
+        overrides.update(router_score_function="sigmoid", n_group=4, topk_group=2, block_router_size=4)
     model = saved_model(tmp_path / "model", **overrides)
     ids = torch.randint(1, MASK_ID, (2, 9))
     torch.save((ids, model(ids).logits), tmp_path / "expected.pt")

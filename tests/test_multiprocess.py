@@ -1,0 +1,78 @@
+"""Two-process data-parallel training (gloo on CPU) keeps every rank identical.
+
+Buffer broadcasting is switched off (`ddp_broadcast_buffers=False`), so the expert bias
+stays equal on both ranks only because ExpertBiasUpdateCallback all-reduces the loads.
+Rank 1 reports a huge extra load on expert 0: both ranks must lower b_0 at every step.
+"""
+
+import socket
+import subprocess
+import sys
+import textwrap
+
+import pytest
+import torch
+
+SCRIPT = textwrap.dedent(
+    """
+    import sys, torch, torch.distributed as dist
+    from transformers import TrainingArguments
+    from diffusion_moe import DiffusionMoeConfig, DiffusionMoeForMaskedLM
+    from diffusion_moe.training import (DiffusionPretrainCollator, DiffusionTrainer, ExpertBiasUpdateCallback,
+                                        default_corpus, train_tokenizer, train_validation_split)
+
+    class SkewedLoads(ExpertBiasUpdateCallback):
+        def record(self, layer, router, args, decision):
+            super().record(layer, router, args, decision)
+            if dist.get_rank() == 1:
+                self.loads[layer, 0] += 1e6
+
+    out = sys.argv[1]
+    tokenizer = train_tokenizer(default_corpus()[:20], vocab_size=320)
+    train_set, _ = train_validation_split(tokenizer, default_corpus()[:6], 32)
+    config = DiffusionMoeConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, num_experts=4, num_experts_per_tok=2,
+        moe_intermediate_size=32, mask_token_id=tokenizer.mask_token_id, pad_token_id=tokenizer.pad_token_id,
+        max_position_embeddings=64, expert_bias_update_rate=0.05, router_aux_loss_coef=0.01,
+    )
+    torch.manual_seed(0)
+    model = DiffusionMoeForMaskedLM(config)
+    initial = {k: v.clone() for k, v in model.state_dict().items()}
+    args = TrainingArguments(output_dir=out, per_device_train_batch_size=2, max_steps=3, learning_rate=1e-2,
+                             use_cpu=True, report_to=[], save_strategy="no", seed=0, disable_tqdm=True,
+                             ddp_broadcast_buffers=False, gradient_accumulation_steps=2)
+    trainer = DiffusionTrainer(model=model, args=args, train_dataset=train_set, callbacks=[SkewedLoads()],
+                               data_collator=DiffusionPretrainCollator.from_config(config, tokenizer, seed=0))
+    trainer.train()
+    state = {k: v.detach().clone() for k, v in model.state_dict().items()}
+    torch.save({"initial": initial, "final": state, "world": dist.get_world_size()}, f"{out}/rank{dist.get_rank()}.pt")
+    """
+)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def test_two_processes_keep_identical_weights_and_expert_bias(tmp_path):
+    script = tmp_path / "train_ddp.py"
+    script.write_text(SCRIPT)
+    command = [
+        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
+        "--master_port", str(free_port()), str(script), str(tmp_path),
+    ]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                            env={"OMP_NUM_THREADS": "1", **__import__("os").environ})
+    assert result.returncode == 0, result.stderr[-3000:]
+    rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
+    assert rank0["world"] == rank1["world"] == 2
+    for name, value in rank0["final"].items():
+        assert torch.equal(value, rank1["final"][name]), name
+    for layer in (0, 1):
+        bias = rank0["final"][f"model.layers.{layer}.mlp.gate.expert_bias"]
+        assert bias[0].item() == pytest.approx(-0.05 * 3), "rank 1's load reached rank 0 at each of the 3 steps"
+    weight = "model.layers.0.mlp.experts.gate_up_proj"
+    assert not torch.equal(rank0["final"][weight], rank0["initial"][weight]), "training moved the weights"

@@ -1,0 +1,36 @@
+"""Turn a corpus into fixed-length training sequences (packing).
+
+Documents are tokenised, joined with EOS and cut into `seq_len`-token chunks, so a batch
+has no padding: every position is a real token, which keeps routing statistics and the
+two-stream layout (where the model treats every token as real) exact.
+"""
+
+import random
+
+from datasets import Dataset
+
+
+def pack_documents(tokenizer, documents: list[str], seq_len: int) -> list[list[int]]:
+    """Concatenate tokenised documents (each followed by EOS) and split into full chunks."""
+    if not (isinstance(seq_len, int) and seq_len > 0):
+        raise ValueError(f"pack_documents: `seq_len` must be a positive integer; got {seq_len!r}.")
+    stream = []
+    for text in documents:
+        stream.extend(tokenizer(text, add_special_tokens=False)["input_ids"])
+        stream.append(tokenizer.eos_token_id)
+    chunks = [stream[i : i + seq_len] for i in range(0, len(stream) - seq_len + 1, seq_len)]
+    if not chunks:
+        raise ValueError(f"pack_documents: the corpus has {len(stream)} tokens, fewer than seq_len={seq_len}.")
+    return chunks
+
+
+def train_validation_split(
+    tokenizer, documents: list[str], seq_len: int, validation_fraction: float = 0.05, seed: int = 0
+) -> tuple[Dataset, Dataset]:
+    """Packed `datasets.Dataset`s ("input_ids"), split by chunk after a seeded shuffle."""
+    if not 0 < validation_fraction < 1:
+        raise ValueError(f"`validation_fraction` must be in (0, 1); got {validation_fraction!r}.")
+    chunks = pack_documents(tokenizer, documents, seq_len)
+    random.Random(seed).shuffle(chunks)
+    n_val = max(1, int(len(chunks) * validation_fraction))
+    return Dataset.from_dict({"input_ids": chunks[n_val:]}), Dataset.from_dict({"input_ids": chunks[:n_val]})
