@@ -264,12 +264,6 @@ class DiffusionGenerationMixin:
                     f"attention block_size ({model_config.block_size}) so finished blocks never change; "
                     "or pass use_cache=False."
                 )
-            if (config.use_cache and model_config.router_type == "block"
-                    and config.block_length % model_config.block_router_size != 0):
-                raise ValueError(
-                    f"With the exact cache and block routing, `block_length` ({config.block_length}) must be a "
-                    f"multiple of block_router_size ({model_config.block_router_size}); or pass use_cache=False."
-                )
         return attention_mask
 
     @torch.no_grad()
