@@ -24,7 +24,7 @@ from .attention_masks import build_attention_mask, positions_from_padding
 from .diffusion_loss import masked_diffusion_loss
 from .experts import DiffusionMoeExperts
 from .remote_code import AUTO_MAP, save_remote_code
-from .routing import DiffusionMoeRouter, RouterStats, load_balancing_loss, router_stats, z_loss
+from .routing import DiffusionMoeRouter, RouterStats, RoutingInputs, load_balancing_loss, router_stats, z_loss
 
 
 @dataclass
@@ -196,9 +196,10 @@ class DiffusionMoeSparseMoeBlock(nn.Module):
             else None
         )
 
-    def forward(self, hidden_states, padding_mask, position_ids, mask_ratio=None, output_router_stats=False):
+    def forward(self, hidden_states, routing_inputs: RoutingInputs, output_router_stats=False):
         B, L, H = hidden_states.shape
-        decision = self.gate(hidden_states, padding_mask, position_ids, mask_ratio)
+        padding_mask = routing_inputs.padding_mask
+        decision = self.gate(hidden_states, routing_inputs)
         if decision.token_index is not None:
             routed = self.experts(hidden_states, token_index=decision.token_index, gates=decision.gates)
         else:
@@ -230,9 +231,7 @@ class DiffusionMoeDecoderLayer(GradientCheckpointingLayer):
         hidden_states,
         attention_mask=None,
         position_embeddings=None,
-        padding_mask=None,
-        position_ids=None,
-        mask_ratio=None,
+        routing_inputs=None,
         past_key_values=None,
         output_router_stats=False,
         **kwargs,
@@ -245,7 +244,7 @@ class DiffusionMoeDecoderLayer(GradientCheckpointingLayer):
         normed = self.post_attention_layernorm(hidden_states)
         if not self.is_moe:
             return hidden_states + self.mlp(normed), {}, None
-        mlp_out, losses, stats = self.mlp(normed, padding_mask, position_ids, mask_ratio, output_router_stats)
+        mlp_out, losses, stats = self.mlp(normed, routing_inputs, output_router_stats)
         return hidden_states + mlp_out, losses, stats
 
 
@@ -359,6 +358,7 @@ class DiffusionMoeModel(DiffusionMoePreTrainedModel):
         if mask_ratio is None and self._needs_mask_ratio():
             mask_ratio = self.mask_ratio_of(input_ids, padding_mask)
 
+        routing_inputs = RoutingInputs(self.config, padding_mask, position_ids, mask_ratio)
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids)
         all_hidden_states = () if output_hidden_states else None
@@ -371,9 +371,7 @@ class DiffusionMoeModel(DiffusionMoePreTrainedModel):
                 hidden_states,
                 attention_mask=mask,
                 position_embeddings=position_embeddings,
-                padding_mask=padding_mask,
-                position_ids=position_ids,
-                mask_ratio=mask_ratio,
+                routing_inputs=routing_inputs,
                 past_key_values=past_key_values,
                 output_router_stats=output_router_stats,
                 **kwargs,

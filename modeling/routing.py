@@ -8,6 +8,7 @@ Router logits are computed in fp32. The `expert_bias` buffer only steers selecti
 """
 
 from dataclasses import dataclass
+from functools import cached_property
 
 import torch
 import torch.nn.functional as F
@@ -74,6 +75,36 @@ class RouterStats:
     dropped_fraction: float = 0.0
 
 
+class RoutingInputs:
+    """What routing needs besides the hidden states, shared by every MoE layer of a forward.
+
+    Built once per forward; the derived tensors (capacity groups, coreset chunks, k per
+    sequence) depend only on positions, padding and the mask ratio, so each is computed on
+    first use and reused by the following layers.
+    """
+
+    def __init__(self, config, padding_mask: torch.Tensor, position_ids: torch.Tensor, mask_ratio=None):
+        self.config = config
+        self.padding_mask = padding_mask
+        self.position_ids = position_ids
+        self.mask_ratio = mask_ratio
+
+    @cached_property
+    def capacity_groups(self) -> GroupedView:
+        """Sequences, or attention blocks of a block-causal model (see routing_groups)."""
+        block = self.config.block_size if self.config.attention_layout == "block_causal" else None
+        return GroupedView(chunk_runs(self.position_ids, block))
+
+    @cached_property
+    def coreset_chunks(self) -> torch.Tensor:
+        return chunk_runs(self.position_ids, self.config.block_router_size)
+
+    @cached_property
+    def experts_per_sequence(self) -> torch.Tensor:
+        """k_b from the capacity schedule ([B] long)."""
+        return experts_per_token(self.config, self.mask_ratio, self.padding_mask.shape[0], self.padding_mask.device)
+
+
 class DiffusionMoeRouter(nn.Module):
     """Router weights [E, H] (no bias) plus the `expert_bias` buffer; policy from the config."""
 
@@ -84,27 +115,16 @@ class DiffusionMoeRouter(nn.Module):
         self.weight = nn.Parameter(torch.empty(config.num_experts, config.hidden_size))
         self.register_buffer("expert_bias", torch.zeros(config.num_experts, dtype=torch.float32))
 
-    def forward(
-        self,
-        hidden_states: torch.Tensor,
-        padding_mask: torch.Tensor,
-        position_ids: torch.Tensor,
-        mask_ratio: torch.Tensor | None,
-    ) -> RoutingDecision:
+    def forward(self, hidden_states: torch.Tensor, inputs: RoutingInputs) -> RoutingDecision:
         logits = F.linear(hidden_states.float(), self.weight.float())  # [B, L, E], fp32
-        config = self.config
-        if config.router_type == "block":
-            scores = score(logits, config.router_score_function)
-            chunks = chunk_runs(position_ids, config.block_router_size)
-            allowed = block_coreset(scores, self.expert_bias, padding_mask, chunks, config)
-            return token_choice(logits, scores, self.expert_bias, padding_mask, config, allowed=allowed)
-        block = config.block_size if config.attention_layout == "block_causal" else None
+        config, padding_mask = self.config, inputs.padding_mask
         if config.router_type == "expert_choice":
-            groups = GroupedView(chunk_runs(position_ids, block))
-            k_per_seq = experts_per_token(config, mask_ratio, logits.shape[0], logits.device)
-            return expert_choice(logits, padding_mask, k_per_seq, groups)
+            return expert_choice(logits, padding_mask, inputs.experts_per_sequence, inputs.capacity_groups)
         scores = score(logits, config.router_score_function)
-        groups = GroupedView(chunk_runs(position_ids, block)) if config.capacity_factor is not None else None
+        if config.router_type == "block":
+            allowed = block_coreset(scores, self.expert_bias, padding_mask, inputs.coreset_chunks, config)
+            return token_choice(logits, scores, self.expert_bias, padding_mask, config, allowed=allowed)
+        groups = inputs.capacity_groups if config.capacity_factor is not None else None
         return token_choice(logits, scores, self.expert_bias, padding_mask, config, groups=groups)
 
 

@@ -7,7 +7,7 @@ from hypothesis import strategies as st
 
 from conftest import tiny_config
 from diffusion_moe.modeling.capacity_schedules import experts_per_token
-from diffusion_moe.modeling.routing import DiffusionMoeRouter, block_coreset, router_stats, score
+from diffusion_moe.modeling.routing import DiffusionMoeRouter, RoutingInputs, block_coreset, router_stats, score
 from diffusion_moe.modeling.routing_groups import chunk_runs
 
 
@@ -25,7 +25,7 @@ def route(router, padding, mask_ratio=None, hidden=None):
     B, L = padding.shape
     hidden = torch.randn(B, L, router.config.hidden_size) if hidden is None else hidden
     positions = (padding.long().cumsum(-1) - 1).clamp(min=0)
-    decision = router(hidden, padding, positions, mask_ratio)
+    decision = router(hidden, RoutingInputs(router.config, padding, positions, mask_ratio))
     return decision, router_stats(decision, padding)
 
 

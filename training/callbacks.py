@@ -113,7 +113,8 @@ class RouterStatsCallback(_RouterHooks):
         self.bucket_count = torch.zeros(self.num_buckets, dtype=torch.float64)
 
     def record(self, layer, router, args, decision):
-        hidden_states, padding_mask, position_ids, mask_ratio = args[:4]
+        routing_inputs = args[1]  # DiffusionMoeRouter.forward(hidden_states, routing_inputs)
+        padding_mask, mask_ratio = routing_inputs.padding_mask, routing_inputs.mask_ratio
         assignment = decision.assignment & padding_mask.unsqueeze(-1).bool()
         load = assignment.sum((0, 1)).double().cpu()
         self.loads[layer] = self.loads.get(layer, 0) + load
