@@ -4,15 +4,16 @@
 [E, H, I] its output projection. Token-layout routing (token choice, block) is dispatched
 by `use_experts_implementation` to Transformers' experts implementations (`grouped_mm` by
 default, `batched_mm`, or this file's `eager` loop, the portable fallback). Expert choice
-has static shapes and its own dispatch. Both go through `forward`, so wrappers of the
+has static shapes and its own dispatch (for SiLU, the fused `expert_choice_swiglu`). Both go through `forward`, so wrappers of the
 module (PEFT's LoRA on `target_parameters`, forward hooks) see every call.
 """
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers.activations import ACT2FN
 from transformers.integrations import use_experts_implementation
+
+from .expert_choice_swiglu import expert_choice_swiglu
 
 
 @use_experts_implementation
@@ -27,6 +28,7 @@ class DiffusionMoeTokenExperts(nn.Module):
         self.gate_up_proj = nn.Parameter(torch.empty(self.num_experts, 2 * self.intermediate_dim, self.hidden_dim))
         self.down_proj = nn.Parameter(torch.empty(self.num_experts, self.hidden_dim, self.intermediate_dim))
         self.act_fn = ACT2FN[config.hidden_act]
+        self.hidden_act = config.hidden_act
 
     def forward(
         self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor
@@ -66,20 +68,13 @@ class DiffusionMoeExperts(DiffusionMoeTokenExperts):
         B, L, H = hidden_states.shape
         G, E, C = token_index.shape
         rows = token_index.transpose(0, 1).reshape(-1)  # expert-major, so gathered rows are [E, G*C, H]
+        gates = gates.transpose(0, 1).reshape(E, G * C)
         flat_hidden = hidden_states.reshape(B * L, H)
+        if self.hidden_act in ("silu", "swish"):
+            out = expert_choice_swiglu(flat_hidden, rows, gates, self.gate_up_proj, self.down_proj)
+            return out.view(B, L, H)
+        # any other activation: the same maths through autograd
         x = flat_hidden.index_select(0, rows).view(E, G * C, H)
-        hidden = self._apply_gate(batched_linear(x, self.gate_up_proj))  # [E, G*C, I]
-        # gating before the down projection touches I instead of H values per row
-        hidden = hidden * gates.transpose(0, 1).reshape(E, G * C, 1).to(hidden.dtype)
-        y = batched_linear(hidden, self.down_proj).reshape(E * G * C, H)
-        return torch.zeros_like(flat_hidden).index_add_(0, rows, y.to(hidden_states.dtype)).view(B, L, H)
-
-
-def batched_linear(x: torch.Tensor, weight: torch.Tensor) -> torch.Tensor:
-    """x [E, N, in] @ weight[e].T for every expert e -> [E, N, out].
-
-    torch's grouped GEMM is ~10% faster than `bmm` forward+backward on CPU; on other devices
-    its kernels want bf16 on recent GPUs, so `bmm` (equally fast there) is used."""
-    if x.device.type == "cpu" and hasattr(F, "grouped_mm"):
-        return F.grouped_mm(x, weight.transpose(1, 2))
-    return torch.bmm(x, weight.transpose(1, 2))
+        hidden = self._apply_gate(torch.bmm(x, self.gate_up_proj.transpose(1, 2)))  # [E, G*C, I]
+        y = torch.bmm(hidden, self.down_proj.transpose(1, 2)) * gates.unsqueeze(-1).to(hidden.dtype)
+        return torch.zeros_like(flat_hidden).index_add_(0, rows, y.view(-1, H).to(flat_hidden.dtype)).view(B, L, H)

@@ -16,6 +16,7 @@ REMOTE_CODE_FILES = (
     "capacity_schedules.py",
     "routing_groups.py",
     "routing.py",
+    "expert_choice_swiglu.py",
     "experts.py",
     "attention_masks.py",
     "diffusion_loss.py",

@@ -207,3 +207,55 @@ def test_embedding_accessors_and_tied_weights():
     assert model.lm_head.weight is model.model.embed_tokens.weight
     model.resize_token_embeddings(70)
     assert model.lm_head.weight.shape == (70, 32) and model.model(torch.tensor([[69]])).last_hidden_state.shape == (1, 1, 32)
+
+
+def _expert_choice_by_autograd(flat_hidden, rows, gates, gate_up_proj, down_proj, act):
+    """The expert-choice maths written plainly, differentiated by autograd."""
+    E, H = gate_up_proj.shape[0], flat_hidden.shape[-1]
+    x = flat_hidden[rows].view(E, -1, H)
+    g, u = (x @ gate_up_proj.transpose(1, 2)).chunk(2, dim=-1)
+    y = (act(g) * u) @ down_proj.transpose(1, 2) * gates.unsqueeze(-1)
+    return torch.zeros_like(flat_hidden).index_add(0, rows, y.reshape(-1, H))
+
+
+@pytest.mark.parametrize("frozen_experts", [False, True])
+def test_fused_expert_choice_swiglu_matches_autograd(frozen_experts):
+    from diffusion_moe.modeling.expert_choice_swiglu import expert_choice_swiglu
+
+    T, H, E, N, I = 12, 8, 4, 6, 5
+    leaves = [torch.randn(T, H), torch.rand(E, N) + 0.1, torch.randn(E, 2 * I, H), torch.randn(E, H, I)]
+    leaves = [t.double().requires_grad_(i < 2 or not frozen_experts) for i, t in enumerate(leaves)]
+    rows = torch.randint(0, T, (E * N,))  # tokens chosen by several experts, some by none
+    upstream = torch.randn(T, H, dtype=torch.float64)
+    results = []
+    for fn in (expert_choice_swiglu, lambda *a: _expert_choice_by_autograd(*a, act=F.silu)):
+        out = fn(leaves[0], rows, *leaves[1:])
+        grads = torch.autograd.grad(out, [t for t in leaves if t.requires_grad], upstream)
+        results.append((out, grads))
+    torch.testing.assert_close(results[0], results[1])
+    assert torch.autograd.gradcheck(
+        lambda *a: expert_choice_swiglu(a[0], rows, *a[1:]), [t[:] for t in leaves], fast_mode=True
+    )
+
+
+def test_expert_choice_with_another_activation_and_under_bf16_autocast():
+    experts = model_for(router_type="expert_choice", hidden_act="gelu").model.layers[-1].mlp.experts
+    E, H = experts.num_experts, experts.hidden_dim
+    hidden = torch.randn(2, 6, H)
+    token_index, gates = torch.randint(0, 12, (2, E, 3)), torch.rand(2, E, 3)  # [groups, experts, capacity]
+    expected = _expert_choice_by_autograd(
+        hidden.view(12, H), token_index.transpose(0, 1).reshape(-1), gates.transpose(0, 1).reshape(E, 6),
+        experts.gate_up_proj, experts.down_proj, act=F.gelu,
+    )
+    got = experts(hidden, token_index=token_index, gates=gates)
+    torch.testing.assert_close(got.view(12, H), expected)
+
+    model = model_for(router_type="expert_choice")
+    ids = torch.randint(1, MASK_ID, (2, 12))
+    reference = model(ids, labels=ids).loss
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(ids, labels=ids).loss
+    loss.backward()
+    expert_grad = model.model.layers[-1].mlp.experts.gate_up_proj.grad
+    assert expert_grad.dtype == torch.float32 and expert_grad.abs().sum() > 0
+    assert loss.item() != reference.item() and loss.item() == pytest.approx(reference.item(), rel=0.02)
