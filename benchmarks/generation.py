@@ -10,14 +10,22 @@ One run prints one table, side by side:
 The model is random; its lm_head is scaled up (--sharpen) so that its predictions are about
 as confident as a trained model's and the threshold rule has something to act on. Times are
 CPU seconds of this process with --threads torch threads (default 1), which stay meaningful
-when other jobs share the machine; tokens/s = generated tokens / CPU seconds. Block routing
-uses the paper's top-p 0.6 with block_router_min_experts = top-k.
+when other jobs share the machine (--clock wall: wall-clock seconds instead); tokens/s =
+generated tokens / seconds. Block routing uses the paper's top-p 0.6 with
+block_router_min_experts = top-k.
+
+The last line bounds what batching can give on this machine: the batch-B run's FLOPs
+(counted by torch's FlopCounterMode) divided by the best matmul rate measured here is the
+least time any implementation could take, so batch B / batch 1 cannot exceed
+B * (batch-1 seconds) / (that time).
 """
 
 import argparse
+import math
 import time
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode, sdpa_flop_count
 
 from diffusion_moe.configuration.configuration_diffusion_moe import DiffusionMoeConfig
 from diffusion_moe.modeling.modeling_diffusion_moe import DiffusionMoeForMaskedLM
@@ -64,11 +72,35 @@ def naive_generate(model, ids, new_tokens, block_length, steps, mask_id):
     return x[:, : P + new_tokens], forwards
 
 
-def timed(fn):
-    """(result, CPU seconds of this process): steadier than wall time on a machine shared with other jobs."""
-    start = time.process_time()
+def timed(fn, clock=time.process_time):
+    """(result, seconds); CPU seconds by default: steadier than wall time on a machine shared with other jobs."""
+    start = clock()
     result = fn()
-    return result, time.process_time() - start
+    return result, clock() - start
+
+
+def counted_flops(fn) -> int:
+    """FLOPs of fn(), counting what FlopCounterMode misses on CPU: grouped GEMMs and CPU flash attention."""
+    extra = {
+        torch.ops.aten._grouped_mm: lambda a, b, *args, out_shape, **kwargs: 2 * math.prod(out_shape) * a[-1],
+        torch.ops.aten._scaled_dot_product_flash_attention_for_cpu:
+            lambda q, k, v, *args, out_shape=None, **kwargs: sdpa_flop_count(q, k, v),
+    }
+    with FlopCounterMode(display=False, custom_mapping=extra) as counter:
+        fn()
+    return counter.get_total_flops()
+
+
+def best_matmul_rate(size=1024, repeats=20) -> float:
+    """FLOP/s of the fastest of a few large square matmuls: an upper bound for any kernel here."""
+    a, b = torch.randn(size, size), torch.randn(size, size)
+    a @ b
+    best = float("inf")
+    for _ in range(repeats):
+        start = time.perf_counter()
+        a @ b
+        best = min(best, time.perf_counter() - start)
+    return 2 * size**3 / best
 
 
 def main():
@@ -79,8 +111,10 @@ def main():
     parser.add_argument("--threshold", type=float, default=0.9)
     parser.add_argument("--sharpen", type=float, default=30.0)
     parser.add_argument("--threads", type=int, default=1)
+    parser.add_argument("--clock", choices=["cpu", "wall"], default="cpu")
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    clock = time.process_time if args.clock == "cpu" else time.perf_counter
 
     model = build(args, "token_choice")
     mask_id = model.config.mask_token_id
@@ -92,8 +126,8 @@ def main():
 
     print(f"model: {args.layers} layers, H={args.hidden}, {args.experts} experts top-{args.top_k}, vocab {args.vocab}; "
           f"prompt {args.prompt}, {args.new} new tokens, block {args.block}, {args.steps} steps/block; "
-          f"torch threads {torch.get_num_threads()}")
-    print(f"{'run':32s} {'batch':>5s} {'CPU s':>8s} {'forwards':>8s} {'tokens/s':>9s} {'unique experts/layer':>21s}")
+          f"torch threads {torch.get_num_threads()}, {args.clock} seconds")
+    print(f"{'run':32s} {'batch':>5s} {'seconds':>8s} {'forwards':>8s} {'tokens/s':>9s} {'unique experts/layer':>21s}")
     rows = []
 
     def add(name, batch, seconds, forwards, unique=None):
@@ -101,19 +135,21 @@ def main():
         shown = f"{unique:.2f}" if unique is not None else "-"
         print(f"{name:32s} {batch:5d} {seconds:8.2f} {forwards:8d} {rows[-1][4]:9.1f} {shown:>21s}", flush=True)
 
-    (naive, naive_forwards), t = timed(lambda: naive_generate(model, one, args.new, args.block, args.steps, mask_id))
+    (naive, naive_forwards), t = timed(
+        lambda: naive_generate(model, one, args.new, args.block, args.steps, mask_id), clock
+    )
     add("(a) naive full re-run", 1, t, naive_forwards)
-    out_b, t = timed(lambda: model.generate(one, **settings, use_cache=False))
+    out_b, t = timed(lambda: model.generate(one, **settings, use_cache=False), clock)
     add("(b) ours, no cache", 1, t, out_b.num_forward_passes)
-    out_c, t = timed(lambda: model.generate(one, **settings))
+    out_c, t = timed(lambda: model.generate(one, **settings), clock)
     add("(c) ours, exact cache", 1, t, out_c.num_forward_passes, unique=out_c.router_stats["unique_experts_per_layer"])
-    out_d, t = timed(lambda: model.generate(one, **settings, threshold=args.threshold))
+    out_d, t = timed(lambda: model.generate(one, **settings, threshold=args.threshold), clock)
     add(f"(d) cache + threshold {args.threshold}", 1, t, out_d.num_forward_passes)
-    out_e, t = timed(lambda: model.generate(prompts, **settings))
+    out_e, t = timed(lambda: model.generate(prompts, **settings), clock)
     add(f"(e) cache, batch {args.batch}", args.batch, t, out_e.num_forward_passes)
     block_model = build(args, "block")
     block_model.load_state_dict(model.state_dict())  # same weights, only the routing policy differs
-    out_f, t = timed(lambda: block_model.generate(one, **settings))
+    out_f, t = timed(lambda: block_model.generate(one, **settings), clock)
     add("(f) cache, block routing", 1, t, out_f.num_forward_passes,
         unique=out_f.router_stats["unique_experts_per_layer"])
 
@@ -126,9 +162,15 @@ def main():
     print(f"threshold on/off tokens/s (d)/(c):        {tps['(d)'] / tps['(c)']:.2f}x  "
           f"({out_d.num_forward_passes} vs {out_c.num_forward_passes} forwards)")
     print(f"batch {args.batch} / batch 1 tokens/s (e)/(c):      {tps['(e)'] / tps['(c)']:.2f}x  (target >= 4x)")
+    flops = counted_flops(lambda: model.generate(prompts, **settings))
+    rate = best_matmul_rate()
+    floor = flops / rate
+    batch1_seconds = next(row[2] for row in rows if row[0].startswith("(c)"))
+    print(f"  ceiling here: batch {args.batch} does {flops / 1e9:.0f} GFLOP, >= {floor:.2f} s at the best matmul rate "
+          f"({rate / 1e9:.0f} GFLOP/s), so (e)/(c) <= {args.batch * batch1_seconds / floor:.2f}x on this machine")
     tc, block = out_c.router_stats, out_f.router_stats
     ratio = block["unique_experts_per_layer"] / tc["unique_experts_per_layer"]
-    print(f"unique experts/layer block / token choice: {ratio:.2f}"
+    print(f"unique experts/layer block / token choice: {ratio:.3f}"
           f"  (target <= 0.5); expert bytes per forward {block['expert_bytes_per_forward'] / 2**20:.2f} MiB vs "
           f"{tc['expert_bytes_per_forward'] / 2**20:.2f} MiB")
 

@@ -6,8 +6,9 @@ denoising forwards, each of which commits some masked positions (the confident o
 * Block-causal models follow the LLaDA2 / dMoE reference: blocks are aligned to absolute
   position 0, so decoding starts at block floor(P / block_length) and the first block may
   hold the prompt's tail. The exact prefix cache (`use_cache=True`) prefills the prompt's
-  whole blocks, runs only the current block at each step (then crops the cache back), and
-  appends each finished block's final keys/values with one more forward. Without the
+  whole blocks, runs only the current block at each step (then crops the cache back, which
+  prefix_cache.py makes free), and appends each finished block's final keys/values with
+  one more forward. Without the
   cache, each step re-runs the prefix and the current block; both give the same tokens.
 * Bidirectional models use LLaDA's semi-autoregressive scheme: blocks start right after
   the prompt and every step re-runs the whole sequence, or (opt-in, approximate) reuses
@@ -33,6 +34,7 @@ from transformers.generation.logits_process import TopKLogitsWarper, TopPLogitsW
 from transformers.utils import ModelOutput, logging
 
 from .generation_config_diffusion import DiffusionGenerationConfig
+from .prefix_cache import prefix_buffer_cache
 
 logger = logging.get_logger(__name__)
 _LOADING_KWARGS = ("cache_dir", "force_download", "proxies", "local_files_only", "token", "revision", "subfolder")
@@ -137,7 +139,7 @@ class _BlockRunner:
 
     def prefill(self, end: int):
         """Exact cache: keys/values of the prompt's whole blocks x[:, :end], in one forward."""
-        self.cache = DynamicCache(config=self.model.config)
+        self.cache = prefix_buffer_cache(self.model.config.num_hidden_layers, self.x.shape[1])
         if end > 0:
             self._forward(self.x[:, :end], self.real[:, :end], 0, 0, end, past=self.cache, hidden_only=True)
 

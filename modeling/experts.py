@@ -4,8 +4,9 @@
 [E, H, I] its output projection. Token-layout routing (token choice, block) is dispatched
 by `use_experts_implementation` to Transformers' experts implementations (`grouped_mm` by
 default, `batched_mm`, or this file's `eager` loop, the portable fallback). Expert choice
-has static shapes and its own dispatch (for SiLU, the fused `expert_choice_swiglu`). Both go through `forward`, so wrappers of the
-module (PEFT's LoRA on `target_parameters`, forward hooks) see every call.
+has static shapes and its own dispatch (for SiLU, the fused `expert_choice_swiglu`). Both
+go through `forward`, so wrappers of the module (PEFT's LoRA on `target_parameters`,
+forward hooks) see every call.
 """
 
 import torch

@@ -23,6 +23,7 @@ REMOTE_CODE_FILES = (
     "remote_code.py",
     "modeling_diffusion_moe.py",
     "generation_config_diffusion.py",
+    "prefix_cache.py",
     "generation_utils.py",
 )
 

@@ -137,6 +137,25 @@ def test_exact_cache_equals_no_cache_batched(router, threshold):
     )
 
 
+def test_prefix_buffer_cache_behaves_as_dynamic_cache_without_copying_the_prefix():
+    from transformers.cache_utils import DynamicCache
+
+    from diffusion_moe.generation.prefix_cache import prefix_buffer_cache
+
+    buffered, dynamic = prefix_buffer_cache(num_layers=2, max_length=12), DynamicCache()
+    for length, crop_to in [(5, 5), (3, 5), (3, 8), (4, 8)]:  # prefill, step, extend, step
+        for layer in range(2):
+            new = torch.randn(2, 3, length, 4), torch.randn(2, 3, length, 4)
+            got, expected = buffered.update(*new, layer), dynamic.update(*new, layer)
+            torch.testing.assert_close(got, expected, rtol=0, atol=0)
+            assert got[0].data_ptr() == buffered.layers[layer].key_buffer.data_ptr()  # a view, not a copy
+        for cache in (buffered, dynamic):
+            cache.crop(crop_to - cache.get_seq_length())
+        assert buffered.get_seq_length() == dynamic.get_seq_length() == crop_to
+    with pytest.raises(ValueError, match="max_length 12"):
+        buffered.update(torch.randn(2, 3, 5, 4), torch.randn(2, 3, 5, 4), 0)
+
+
 def test_exact_cache_needs_aligned_block_length():
     model = tiny_model(block_size=8, block_router_size=8)
     with pytest.raises(ValueError, match="block_length.*block_size"):
