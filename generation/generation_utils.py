@@ -8,8 +8,8 @@ denoising forwards, each of which commits some masked positions (the confident o
   hold the prompt's tail. The exact prefix cache (`use_cache=True`) prefills the prompt's
   whole blocks, runs only the current block at each step (then crops the cache back, which
   prefix_cache.py makes free), and appends each finished block's final keys/values with
-  one more forward. Without the
-  cache, each step re-runs the prefix and the current block; both give the same tokens.
+  one more forward. Without the cache, each step re-runs the prefix and the current
+  block; both give the same tokens.
 * Bidirectional models use LLaDA's semi-autoregressive scheme: blocks start right after
   the prompt and every step re-runs the whole sequence, or (opt-in, approximate) reuses
   the prefix / prefix+suffix keys/values computed at each block's first step (Fast-dLLM).
