@@ -79,8 +79,9 @@ class RoutingInputs:
     """What routing needs besides the hidden states, shared by every MoE layer of a forward.
 
     Built once per forward; the derived tensors (capacity groups, coreset chunks, k per
-    sequence) depend only on positions, padding and the mask ratio, so each is computed on
-    first use and reused by the following layers.
+    sequence, expert-choice capacities) depend only on positions, padding and the mask
+    ratio, so each is computed on first use and reused by the following layers; the host
+    syncs for static sizes (C_max, the chunk count) happen once per forward, not per layer.
     """
 
     def __init__(self, config, padding_mask: torch.Tensor, position_ids: torch.Tensor, mask_ratio=None):
@@ -96,8 +97,25 @@ class RoutingInputs:
         return GroupedView(chunk_runs(self.position_ids, block))
 
     @cached_property
+    def grouped_padding(self) -> torch.Tensor:
+        """[G, S] bool: the real tokens of each capacity group."""
+        return self.capacity_groups.scatter(self.padding_mask, False)
+
+    @cached_property
+    def expert_choice_capacity(self) -> tuple[torch.Tensor, int]:
+        """Per-group expert capacity C [G] (see `expert_choice`) and the static slot count C_max."""
+        groups, real = self.capacity_groups, self.grouped_padding.sum(1)
+        k = self.experts_per_sequence[groups.sequence_of_group]
+        capacity = torch.minimum(expert_capacity(k, real, self.config.num_experts), real)
+        return capacity, max(int(capacity.max().item()), 1)
+
+    @cached_property
     def coreset_chunks(self) -> torch.Tensor:
         return chunk_runs(self.position_ids, self.config.block_router_size)
+
+    @cached_property
+    def num_coreset_chunks(self) -> int:
+        return int(self.coreset_chunks.max().item()) + 1
 
     @cached_property
     def experts_per_sequence(self) -> torch.Tensor:
@@ -119,13 +137,15 @@ class DiffusionMoeRouter(nn.Module):
         logits = F.linear(hidden_states.float(), self.weight.float())  # [B, L, E], fp32
         config, padding_mask = self.config, inputs.padding_mask
         if config.router_type == "expert_choice":
-            return expert_choice(logits, padding_mask, inputs.experts_per_sequence, inputs.capacity_groups)
+            return expert_choice(logits, inputs)
         scores = score(logits, config.router_score_function)
         if config.router_type == "block":
-            allowed = block_coreset(scores, self.expert_bias, padding_mask, inputs.coreset_chunks, config)
+            allowed = block_coreset(
+                scores, self.expert_bias, padding_mask, inputs.coreset_chunks, config, inputs.num_coreset_chunks
+            )
             return token_choice(logits, scores, self.expert_bias, padding_mask, config, allowed=allowed)
-        groups = inputs.capacity_groups if config.capacity_factor is not None else None
-        return token_choice(logits, scores, self.expert_bias, padding_mask, config, groups=groups)
+        capacity_inputs = inputs if config.capacity_factor is not None else None
+        return token_choice(logits, scores, self.expert_bias, padding_mask, config, capacity_inputs=capacity_inputs)
 
 
 def score(logits: torch.Tensor, score_function: str) -> torch.Tensor:
@@ -160,16 +180,18 @@ def select_top_k(
     return indices, weights * config.routed_scaling_factor
 
 
-def token_choice(logits, scores, expert_bias, padding_mask, config, allowed=None, groups=None) -> RoutingDecision:
+def token_choice(
+    logits, scores, expert_bias, padding_mask, config, allowed=None, capacity_inputs: RoutingInputs | None = None
+) -> RoutingDecision:
     """Each token picks its top-k experts. With `capacity_factor`, each expert keeps at most
     C = ceil(T * k / E * capacity_factor) of the T real tokens of each capacity group
-    (`groups`), highest weights first; dropped assignments get weight 0."""
+    (`capacity_inputs.capacity_groups`), highest weights first; dropped assignments get weight 0."""
     B, L, E = logits.shape
     indices, weights = select_top_k(scores, expert_bias, config, allowed)  # [B, L, k]
     weights = weights * padding_mask.unsqueeze(-1)  # padding contributes nothing
     capacity = None
     if config.capacity_factor is not None:
-        real = groups.scatter(padding_mask, False).sum(1)
+        groups, real = capacity_inputs.capacity_groups, capacity_inputs.grouped_padding.sum(1)
         group_capacity = torch.ceil(real * config.num_experts_per_tok / E * config.capacity_factor).long()
         # rank of each token among its group's tokens routed to the same expert, by weight
         dense = torch.full_like(scores, -1.0).scatter(-1, indices, weights.masked_fill(weights == 0, -1.0))
@@ -186,9 +208,7 @@ def token_choice(logits, scores, expert_bias, padding_mask, config, allowed=None
     )
 
 
-def expert_choice(
-    logits: torch.Tensor, padding_mask: torch.Tensor, k_per_seq: torch.Tensor, groups: GroupedView
-) -> RoutingDecision:
+def expert_choice(logits: torch.Tensor, inputs: RoutingInputs) -> RoutingDecision:
     """Each expert picks, within each capacity group, its C highest-logit real tokens,
     C = max(floor(T_real * k_b / E), 1) (never more than the T_real real tokens).
 
@@ -196,12 +216,9 @@ def expert_choice(
     get gate 0. A token's gates are a softmax over the logits of the experts that chose it;
     tokens nobody chose get no routed output.
     """
-    E = logits.shape[-1]
+    groups, grouped_real = inputs.capacity_groups, inputs.grouped_padding  # [G, S]
+    capacity, c_max = inputs.expert_choice_capacity  # [G], int
     grouped_logits = groups.scatter(logits, _MASKED)  # [G, S, E]
-    grouped_real = groups.scatter(padding_mask, False)  # [G, S]
-    real = grouped_real.sum(1)
-    capacity = torch.minimum(expert_capacity(k_per_seq[groups.sequence_of_group], real, E), real)  # [G]
-    c_max = max(int(capacity.max().item()), 1)
     masked = grouped_logits.masked_fill(~grouped_real.unsqueeze(-1), _MASKED).transpose(1, 2)  # [G, E, S]
     slots = masked.topk(c_max, dim=-1).indices  # [G, E, C]
     slot_used = torch.arange(c_max, device=logits.device).view(1, 1, c_max) < capacity.view(-1, 1, 1)
@@ -221,28 +238,29 @@ def expert_choice(
     )
 
 
-def block_coreset(scores, expert_bias, padding_mask, chunk_ids, config) -> torch.Tensor:
+def block_coreset(scores, expert_bias, padding_mask, chunk_ids, config, num_chunks: int | None = None) -> torch.Tensor:
     """dMoE: the experts every token of a chunk may use ([B, L, E] bool).
 
     Each real token votes with its own top-k biased scores; the chunk (`chunk_ids` from
     `chunk_runs(position_ids, block_router_size)`) keeps the smallest prefix of experts (by
     votes) whose mass reaches `block_router_top_p`, and at least the top
-    `block_router_min_experts`.
+    `block_router_min_experts`. `num_chunks` (chunk_ids.max() + 1) is computed when not given.
     """
     B, L, E = scores.shape
     biased = scores + expert_bias.to(scores.dtype)
     top = biased.topk(config.num_experts_per_tok, dim=-1)
     votes = torch.zeros_like(scores).scatter(-1, top.indices, top.values) * padding_mask.unsqueeze(-1)
-    chunk = chunk_ids
-    num_chunks = int(chunk.max().item()) + 1
-    chunk_votes = scores.new_zeros(B, num_chunks, E).scatter_add_(1, chunk.unsqueeze(-1).expand(-1, -1, E), votes)
+    chunk = chunk_ids.unsqueeze(-1).expand(-1, -1, E)
+    if num_chunks is None:
+        num_chunks = int(chunk_ids.max().item()) + 1
+    chunk_votes = scores.new_zeros(B, num_chunks, E).scatter_add_(1, chunk, votes)
     chunk_votes = chunk_votes / chunk_votes.sum(-1, keepdim=True).clamp_min(1e-20)
     sorted_votes, order = chunk_votes.sort(dim=-1, descending=True, stable=True)
     mass_before = sorted_votes.cumsum(-1) - sorted_votes
     rank = torch.arange(E, device=scores.device)
     keep_sorted = (mass_before <= config.block_router_top_p) | (rank < config.block_router_min_experts)
     keep = torch.zeros_like(keep_sorted).scatter(-1, order, keep_sorted)  # [B, chunks, E]
-    return keep.gather(1, chunk.unsqueeze(-1).expand(-1, -1, E))
+    return keep.gather(1, chunk)
 
 
 def router_stats(decision: RoutingDecision, padding_mask: torch.Tensor) -> RouterStats:
