@@ -146,16 +146,34 @@ def copy_other_files(src: Path, dst: Path) -> list[str]:
     return copied
 
 
-def check_destination(dst: Path, overwrite: bool) -> None:
-    """Refuse early: a file at `dst`, or a non-empty folder without `overwrite`."""
+def check_destination(dst: Path, overwrite: bool, src: Path | None = None) -> None:
+    """Refuse early, before anything is read or written: a file at `dst`, a non-empty folder
+    without `overwrite`, a `dst` that is, contains or lies inside `src` (replacing it would
+    delete the source, or the folder holding it), and leftovers of an interrupted run."""
+    dst = Path(dst).resolve()
+    if src is not None:
+        src = Path(src).resolve()
+        if dst == src or dst in src.parents or src in dst.parents:
+            relation = "is" if dst == src else "contains" if dst in src.parents else "lies inside"
+            raise ValueError(
+                f"destination {dst} {relation} the source {src}: converting into it would replace or delete the "
+                "source; choose a destination outside the source"
+            )
     if dst.exists() and not dst.is_dir():
         raise FileExistsError(f"destination {dst} exists and is not a folder")
+    leftovers = sorted(str(p) for kind in ("partial", "old") for p in dst.parent.glob(f".{dst.name}.{kind}-*"))
+    if leftovers:
+        raise FileExistsError(
+            f"an earlier conversion to {dst} was interrupted and left {leftovers}: a `.partial-*` folder holds "
+            "incomplete output, an `.old-*` folder the previous destination it was replacing. Move back or delete "
+            "them, then run again."
+        )
     if dst.is_dir() and any(dst.iterdir()) and not overwrite:
         raise FileExistsError(f"destination {dst} is not empty; pass overwrite=True (--overwrite) to replace it")
 
 
 @contextmanager
-def atomic_output_dir(dst, overwrite: bool = False):
+def atomic_output_dir(dst, overwrite: bool = False, src=None):
     """Yield a temporary folder next to `dst`; on success it replaces `dst` by renames.
 
     On any exception the temporary folder is removed and `dst` is untouched. With
@@ -163,7 +181,7 @@ def atomic_output_dir(dst, overwrite: bool = False):
     deleted only after the new one is in place.
     """
     dst = Path(dst).resolve()
-    check_destination(dst, overwrite)
+    check_destination(dst, overwrite, src)
     dst.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{dst.name}.partial-", dir=dst.parent))
     try:

@@ -426,13 +426,13 @@ def convert_llada2_to_diffusion_moe(
     parse_size(max_shard_size)
     if decoding is not None and decoding not in DECODING_PRESETS:
         raise ValueError(f"`decoding` must be one of {tuple(DECODING_PRESETS)}; got {decoding!r}")
-    check_destination(dst.resolve(), overwrite)
+    check_destination(dst, overwrite, src)
     llada2 = read_json(src / "config.json", "LLaDA2 config.json")
     config = diffusion_moe_config_from_llada2(llada2, mask_token_id, eos_token_id)
     files = shard_files(src)
     plan, expected = _llada2_plan(llada2)
     _check_tensors(tensor_shapes(files), expected, src)
-    with atomic_output_dir(dst, overwrite) as out:
+    with atomic_output_dir(dst, overwrite, src) as out:
         config.dtype = _stream(files, plan, out, dtype, max_shard_size)
         config.save_pretrained(out)
         source = src / "generation_config.json"
@@ -453,7 +453,7 @@ def convert_diffusion_moe_to_llada2(src, dst, dtype=None, overwrite: bool = Fals
     src, dst = Path(src), Path(dst)
     dtype = _resolve_dtype(dtype)
     parse_size(max_shard_size)
-    check_destination(dst.resolve(), overwrite)
+    check_destination(dst, overwrite, src)
     ours = read_json(src / "config.json", "diffusion-moe config.json")
     if ours.get("model_type") != "diffusion_moe":
         raise ValueError(f"config.json: `model_type` must be 'diffusion_moe'; got {ours.get('model_type')!r}")
@@ -462,7 +462,7 @@ def convert_diffusion_moe_to_llada2(src, dst, dtype=None, overwrite: bool = Fals
     plan, expected = _diffusion_moe_plan(config)
     _check_tensors(tensor_shapes(files), expected, src)
     llada2 = llada2_config_from_diffusion_moe(config)
-    with atomic_output_dir(dst, overwrite) as out:
+    with atomic_output_dir(dst, overwrite, src) as out:
         llada2["torch_dtype"] = _stream(files, plan, out, dtype, max_shard_size)
         write_json(out / "config.json", llada2)
         copy_other_files(src, out)
