@@ -7,6 +7,7 @@ AutoModelForMaskedLM under `model_type="diffusion_moe"`.
 from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM
 
 from .configuration import DiffusionMoeConfig
+from .configuration.remote_code import __version__
 from .modeling import (  # before .generation: the model imports the generation mixin
     DiffusionMoeForMaskedLM,
     DiffusionMoeMaskedLMOutput,
@@ -21,7 +22,6 @@ AutoConfig.register("diffusion_moe", DiffusionMoeConfig, exist_ok=True)
 AutoModel.register(DiffusionMoeConfig, DiffusionMoeModel, exist_ok=True)
 AutoModelForMaskedLM.register(DiffusionMoeConfig, DiffusionMoeForMaskedLM, exist_ok=True)
 
-__version__ = "0.1.0"
 __all__ = [
     "DiffusionGenerationConfig",
     "DiffusionGenerationMixin",

@@ -4,6 +4,7 @@
                                          [--decoding llada2.0|llada2.1-quality|llada2.1-speed]
     diffusion-moe convert to-llada2 SRC DST [--dtype D] [--overwrite]
     diffusion-moe eval LM_EVAL_ARGS...     (lm_eval's flags; needs the `eval` extra)
+    diffusion-moe upgrade-code PATH        (rewrite a saved checkpoint's remote code with this version's)
 """
 
 import argparse
@@ -45,7 +46,33 @@ def build_parser() -> argparse.ArgumentParser:
         help="run lm-evaluation-harness with the `diffusion_moe` model: `diffusion-moe eval --model_args "
              "pretrained=PATH --tasks T ...` takes lm_eval's flags (see `diffusion-moe eval --help`)",
     )
+    upgrade = commands.add_parser(
+        "upgrade-code",
+        help="rewrite a saved checkpoint's remote code (its .py files and config.json's auto_map and "
+             "diffusion_moe_version) with this installed version's; weights and other files untouched",
+    )
+    upgrade.add_argument("path", help="a folder written by save_pretrained (config.json with model_type diffusion_moe)")
     return parser
+
+
+def run_upgrade_code(path) -> int:
+    """`diffusion-moe upgrade-code PATH`: 0 on success, 2 (with a message) when PATH is refused."""
+    from .configuration import DiffusionMoeConfig
+    from .configuration.remote_code import __version__, read_checkpoint_config, upgrade_code
+
+    try:
+        config = read_checkpoint_config(path)
+        try:  # the new code must be able to build this config
+            DiffusionMoeConfig.from_dict(dict(config))
+        except ValueError as error:
+            raise ValueError(f"{path}/config.json does not load with diffusion-moe {__version__}: {error}") from None
+        result = upgrade_code(path)
+    except (ValueError, OSError) as error:
+        print(f"diffusion-moe: error: {error}", file=sys.stderr)
+        return 2
+    print(f"upgraded {path}: remote code {result['from'] or 'unrecorded (before 0.2.0)'} -> {result['to']} "
+          f"({len(result['files'])} .py files, config.json auto_map and diffusion_moe_version); weights untouched")
+    return 0
 
 
 def run_eval(argv) -> int:
@@ -63,6 +90,8 @@ def main(argv=None) -> int:
     if argv[:1] == ["eval"]:  # everything after `eval` belongs to lm_eval's parser
         return run_eval(argv[1:])
     args = build_parser().parse_args(argv)
+    if args.command == "upgrade-code":
+        return run_upgrade_code(args.path)
     try:
         if args.format == "llada2":
             dst = convert_llada2_to_diffusion_moe(

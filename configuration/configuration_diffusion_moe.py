@@ -4,12 +4,17 @@ Every value is checked when the config is built, so a bad field fails here, with
 field's name and the allowed values, instead of deep inside a forward pass.
 """
 
+import contextvars
+
 from transformers import PretrainedConfig
 from transformers.utils import logging
 
-from .remote_code import SavesRemoteCode
+from .remote_code import VERSION_KEY, SavesRemoteCode, log_code_origin
 
 logger = logging.get_logger(__name__)
+
+# The checkpoint `from_pretrained` is loading (its `from_dict` logs which code builds it).
+_LOADING = contextvars.ContextVar("diffusion_moe_config_loading", default=None)
 
 ROUTER_TYPES = ("token_choice", "expert_choice", "block")
 ROUTER_SCORE_FUNCTIONS = ("softmax", "sigmoid")
@@ -56,7 +61,7 @@ class DiffusionMoeConfig(SavesRemoteCode, PretrainedConfig):
     """
 
     model_type = "diffusion_moe"
-    keys_to_ignore_at_inference = ["past_key_values"]
+    keys_to_ignore_at_inference = ["cache", "past_key_values"]
 
     def __init__(
         self,
@@ -164,12 +169,26 @@ class DiffusionMoeConfig(SavesRemoteCode, PretrainedConfig):
         self.check()
 
     @classmethod
+    def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
+        token = _LOADING.set(str(pretrained_model_name_or_path))
+        try:
+            return super().from_pretrained(pretrained_model_name_or_path, *args, **kwargs)
+        finally:
+            _LOADING.reset(token)
+
+    @classmethod
     def from_dict(cls, config_dict, **kwargs):
         """Also validates overrides, e.g. `from_pretrained(path, router_type="expert_choice")`,
-        which Transformers applies after construction."""
+        which Transformers applies after construction. Loading a checkpoint logs, once, which
+        code builds it (the installed package's or the checkpoint's own) and the version of the
+        checkpoint's code (`diffusion_moe_version` in its config.json)."""
+        source = kwargs.get("name_or_path") or _LOADING.get()
+        recorded = config_dict.get(VERSION_KEY)
         result = super().from_dict(config_dict, **kwargs)
         config = result[0] if isinstance(result, tuple) else result
         config.check()
+        if source:
+            log_code_origin(source, recorded)
         return result
 
     def check(self):

@@ -22,6 +22,7 @@ import torch
 from transformers.cache_utils import DynamicCache, StaticCache
 
 from ..modeling.attention_masks import build_attention_mask, positions_from_padding
+from ..modeling.transformers_compat import rewind_static_cache
 from .prefix_cache import prefix_buffer_cache
 
 
@@ -47,7 +48,7 @@ class BlockRunner:
 
     def _forward(self, ids, mask, keep: slice, past=None, position_ids=None, stats=True):
         out = self.model(
-            input_ids=ids, attention_mask=mask, position_ids=position_ids, past_key_values=past,
+            input_ids=ids, attention_mask=mask, position_ids=position_ids, cache=past,
             use_cache=past is not None, logits_to_keep=keep, output_router_stats=self.collect and stats,
         )
         used = None
@@ -94,26 +95,35 @@ class StaticCacheRunner(ExactCacheRunner):
         self.step = step
         self.positions = positions_from_padding(real)
         self.cache = model._static_generation_cache(x.shape[0], x.shape[1])
+        self.length = 0  # where the cache's next update writes (tracked here: reading it would sync)
         self.block_mask = None
 
     def prefill(self, end: int, reused=None):
         if reused is not None:
-            raise ValueError("`past_key_values` cannot be reused with cache_implementation='static'.")
+            raise ValueError("`cache` cannot be reused with cache_implementation='static'.")
         if end > 0:  # eager: prefill has its own shapes
             static_block_step(self.model, self.cache, self.x[:, :end], self.positions[:, :end], self._block_mask(0, end),
                               False)
+        self.length = end
 
     def block_logits(self, s, e):
         if self.block_mask is None or self.block_mask[0] != (s, e):
             self.block_mask = ((s, e), self._block_mask(s, e))  # once per block
-        _rewind(self.cache, s)
+        self._rewind(s)
         logits, used = self.step(self.model, self.cache, self.x[:, s:e], self.positions[:, s:e], self.block_mask[1],
                                  self.collect)
+        self.length = e
         return logits.clone(), used  # a compiled graph may reuse its output buffers
 
     def finish_block(self, s, e):
-        _rewind(self.cache, s)
+        self._rewind(s)
         self.step(self.model, self.cache, self.x[:, s:e], self.positions[:, s:e], self._block_mask(s, e), False)
+        self.length = e
+
+    def _rewind(self, length: int):
+        """The next update writes from `length` on: a step overwrites its block's slots."""
+        rewind_static_cache(self.cache, length, self.length)
+        self.length = length
 
     def _block_mask(self, s, e) -> torch.Tensor:
         """[B, 1, e - s, T] bool, the block-causal mask of queries [s, e) over the whole buffer:
@@ -125,7 +135,7 @@ class StaticCacheRunner(ExactCacheRunner):
 
 def static_block_step(model, cache, ids, positions, mask, collect):
     """One forward of whole aligned blocks on a `StaticCache`: the function torch.compile sees."""
-    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=cache, use_cache=True,
+    out = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
                 static_routing=True, output_router_stats=collect, logits_to_keep=0)
     used = torch.stack([layer.expert_mask.any(1) for layer in out.router_stats]) if collect else None
     return out.logits, used
@@ -137,12 +147,6 @@ def new_static_cache(model, batch_size: int, length: int) -> StaticCache:
     dtype, device = model.dtype, model.device
     cache.early_initialization(batch_size, config.num_key_value_heads, config.head_dim, dtype, device)
     return cache
-
-
-def _rewind(cache: StaticCache, length: int):
-    """The next update writes from `length` on: a step overwrites its block's slots."""
-    for layer in cache.layers:
-        layer.cumulative_length.fill_(length)
 
 
 class PrefixCacheRunner(BlockRunner):

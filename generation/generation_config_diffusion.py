@@ -42,6 +42,16 @@ SUPPORTED_FIELDS = frozenset({
     "pad_token_id", "bos_token_id", "eos_token_id", "transformers_version", *_DIFFUSION_DEFAULTS,
 })
 
+# Values of fields generate() does not support that do nothing, so they may appear in a
+# generation_config.json (they are Transformers' defaults for these fields; None and False,
+# the defaults of the others, are accepted too).
+NO_OP_VALUES = {
+    "early_stopping": False, "num_beams": 1, "num_beam_groups": 1, "length_penalty": 1.0, "diversity_penalty": 0.0,
+    "encoder_no_repeat_ngram_size": 0, "encoder_repetition_penalty": 1.0, "output_scores": False,
+    "num_assistant_tokens": 20, "num_assistant_tokens_schedule": "constant", "assistant_confidence_threshold": 0.4,
+    "assistant_lookbehind": 10, "target_lookbehind": 10,
+}
+
 
 class DiffusionGenerationConfig(GenerationConfig):
     r"""Generation config of [`DiffusionMoeForMaskedLM`].
@@ -165,18 +175,22 @@ class DiffusionGenerationConfig(GenerationConfig):
             self.mask_token_id is None or (isinstance(self.mask_token_id, int) and self.mask_token_id >= 0),
             "mask_token_id", "None or a token id >= 0", self,
         )
-        if self.temperature == 0:  # greedy, as LLaDA's code has it: nothing to warn about
-            user_set_attributes = set(vars(self) if user_set_attributes is None else user_set_attributes)
-            user_set_attributes.discard("temperature")
-        super().validate(strict=strict, user_set_attributes=user_set_attributes)
+        if self.temperature != 0:
+            return super().validate(strict=strict, user_set_attributes=user_set_attributes)
+        # temperature 0 is greedy (LLaDA's convention), a setting generate() honours: Transformers'
+        # base checks would report it as an ignored sampling flag, so they do not see it
+        temperature, self.temperature = self.temperature, None
+        try:
+            super().validate(strict=strict, user_set_attributes=user_set_attributes)
+        finally:
+            self.temperature = temperature
 
     def unsupported_fields(self):
-        """Fields set to something other than Transformers' defaults that generate() does not honour."""
-        defaults = GenerationConfig._get_default_generation_params()
+        """Fields generate() does not honour that are set to something that would do something."""
         for name, value in vars(self).items():
             if name.startswith("_") or name in SUPPORTED_FIELDS:
                 continue
-            if value is not None and value != defaults.get(name, None) and value is not False:
+            if value is not None and value is not False and value != NO_OP_VALUES.get(name):
                 yield name
 
     @property

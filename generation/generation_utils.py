@@ -30,9 +30,10 @@ from dataclasses import dataclass
 
 import torch
 from tqdm.auto import tqdm
-from transformers.utils import ModelOutput, logging
+from transformers.utils import logging
 
 from ..modeling.input_checks import check_token_ids
+from ..modeling.transformers_compat import CacheOutput, accepts_past_key_values
 from .block_runners import (
     DualCacheRunner,
     ExactCacheRunner,
@@ -53,7 +54,7 @@ _LOADING_KWARGS = ("cache_dir", "force_download", "proxies", "local_files_only",
 
 
 @dataclass
-class DiffusionGenerateOutput(ModelOutput):
+class DiffusionGenerateOutput(CacheOutput):
     """What `generate(..., return_dict_in_generate=True)` returns.
 
     sequences: [B, prompt_len + max_new_tokens], the prompt as given then the answer
@@ -67,7 +68,7 @@ class DiffusionGenerateOutput(ModelOutput):
         `unique_experts_per_layer` (distinct routed experts chosen by the current block's
         tokens, averaged over MoE layers, samples, then forwards), `unique_experts_per_forward`,
         `bytes_per_expert` and `expert_bytes_per_forward` (unique experts x bytes of one expert).
-    past_key_values: block-causal models with the dynamic exact cache: a `PrefixCache` of
+    cache: block-causal models with the dynamic exact cache: a `PrefixCache` of
         every sample's whole blocks up to its EOS / stop; pass it back with a prompt that
         extends the returned sequence and only the new tokens are prefilled.
     """
@@ -77,7 +78,7 @@ class DiffusionGenerateOutput(ModelOutput):
     num_forward_passes: int | None = None
     tokens_per_forward: torch.FloatTensor | None = None
     router_stats: dict | None = None
-    past_key_values: PrefixCache | None = None
+    cache: PrefixCache | None = None
 
 
 class DiffusionGenerationMixin:
@@ -139,7 +140,7 @@ class DiffusionGenerationMixin:
             )
         return config.max_length - prompt_width
 
-    def _check_generate_inputs(self, input_ids, attention_mask, config, streamer, past_key_values):
+    def _check_generate_inputs(self, input_ids, attention_mask, config, streamer, cache):
         """Raise ValueError for inputs generate() cannot handle; returns the boolean padding mask."""
         if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
             raise ValueError("`input_ids` must be a 2-D LongTensor [batch, prompt_length].")
@@ -171,7 +172,7 @@ class DiffusionGenerationMixin:
         if not block_causal:
             for name, wrong in (("editing_threshold", config.editing_threshold is not None),
                                 ("cache_implementation", config.cache_implementation is not None),
-                                ("past_key_values", past_key_values is not None)):
+                                ("cache", cache is not None)):
                 if wrong:
                     raise ValueError(f"`{name}` is for block-causal models (attention_layout='block_causal').")
         else:
@@ -180,12 +181,12 @@ class DiffusionGenerationMixin:
                     "`approximate_cache` is for bidirectional models; block-causal models use the exact cache "
                     "(`use_cache=True`)."
                 )
-            if (static or past_key_values is not None) and not config.use_cache:
-                raise ValueError("`cache_implementation='static'` and `past_key_values` need `use_cache=True`.")
-            if static and past_key_values is not None:
-                raise ValueError("Pass either `past_key_values` or `cache_implementation='static'`, not both.")
-            if past_key_values is not None and not isinstance(past_key_values, PrefixCache):
-                raise ValueError("`past_key_values` must be the `PrefixCache` a previous generate() returned.")
+            if (static or cache is not None) and not config.use_cache:
+                raise ValueError("`cache_implementation='static'` and `cache` need `use_cache=True`.")
+            if static and cache is not None:
+                raise ValueError("Pass either `cache` or `cache_implementation='static'`, not both.")
+            if cache is not None and not isinstance(cache, PrefixCache):
+                raise ValueError("`cache` must be the `PrefixCache` a previous generate() returned.")
             if config.use_cache and config.block_length % self.config.block_size != 0:
                 raise ValueError(
                     f"With the exact cache, `block_length` ({config.block_length}) must be a multiple of the model's "
@@ -195,8 +196,9 @@ class DiffusionGenerationMixin:
         return attention_mask
 
     @torch.no_grad()
+    @accepts_past_key_values
     def generate(self, input_ids, attention_mask=None, generation_config=None, logits_processor=None,
-                 stopping_criteria=None, streamer=None, tokenizer=None, past_key_values=None, show_progress=False,
+                 stopping_criteria=None, streamer=None, tokenizer=None, cache=None, show_progress=False,
                  **kwargs):
         """Block-parallel denoising. Keyword arguments override `generation_config` (see DiffusionGenerationConfig).
 
@@ -208,12 +210,13 @@ class DiffusionGenerationMixin:
             a streamer with `put_draft` (Transformers' `TextDiffusionStreamer`) also gets the
             current block's draft after every step.
         tokenizer: needed by `stop_strings`.
-        past_key_values: an earlier call's `PrefixCache` (block-causal models), reused when the
-            prompt extends the sequence it was computed for.
+        cache: an earlier call's `PrefixCache` (block-causal models), reused when the
+            prompt extends the sequence it was computed for (Transformers 5.24's name;
+            `past_key_values=` is accepted as Transformers accepts it).
         show_progress: a tqdm bar over blocks.
         """
         config, user_set = self._diffusion_generation_config(generation_config, kwargs)
-        attention_mask = self._check_generate_inputs(input_ids, attention_mask, config, streamer, past_key_values)
+        attention_mask = self._check_generate_inputs(input_ids, attention_mask, config, streamer, cache)
         if config.num_return_sequences and config.num_return_sequences > 1:
             input_ids = input_ids.repeat_interleave(config.num_return_sequences, dim=0)
             attention_mask = attention_mask.repeat_interleave(config.num_return_sequences, dim=0)
@@ -228,9 +231,9 @@ class DiffusionGenerationMixin:
         static = isinstance(runner, StaticCacheRunner)
         if isinstance(runner, ExactCacheRunner):
             reused = None
-            if past_key_values is not None:
-                past_key_values.check_extended_by([ids[mask] for ids, mask in zip(input_ids, attention_mask)])
-                reused = past_key_values.reuse_for(pad, x.shape[1])
+            if cache is not None:
+                cache.check_extended_by([ids[mask] for ids, mask in zip(input_ids, attention_mask)])
+                reused = cache.reuse_for(pad, x.shape[1])
             runner.prefill(blocks[0][0], reused)
 
         B, mask_id = x.shape[0], config.mask_token_id
@@ -313,21 +316,21 @@ class DiffusionGenerationMixin:
         sequences = torch.cat([input_ids, answer], dim=1)
         if not collect:
             return sequences
-        cache = None
+        prefix_cache = None
         if returns_cache:
-            cache = runner.cache
+            prefix_cache = runner.cache
             extent = last_block[1] if last_block is not None else blocks[0][0]
             prompt_lengths = attention_mask.sum(-1)
             bl = config.block_length
             cached = torch.minimum(prompt_lengths + kept, extent - pad).clamp(min=0) // bl * bl
-            cache.record(x[:, :extent].clone(), pad, cached)
+            prefix_cache.record(x[:, :extent].clone(), pad, cached)
         return DiffusionGenerateOutput(
             sequences=sequences,
             history=tuple(history) if config.output_history else None,
             num_forward_passes=int(forwards),
             tokens_per_forward=kept.float() / row_forwards.clamp(min=1).float(),
             router_stats=self._router_summary(routing),
-            past_key_values=cache,
+            cache=prefix_cache,
         )
 
     def _block_runner(self, config, x, real, collect):

@@ -8,7 +8,7 @@ reads a view of the buffer. Otherwise it behaves as a `DynamicLayer`.
 
 `PrefixCache` is what `generate(..., return_dict_in_generate=True)` returns for
 block-causal models: the keys/values of every sample's finished whole blocks, with the
-tokens they were computed from. Passed back as `past_key_values` with a prompt that extends
+tokens they were computed from. Passed back as `cache` with a prompt that extends
 those tokens (a chat's next turn), `reuse_for` lays it out for the new batch, so only the
 new tokens are prefilled.
 """
@@ -63,10 +63,10 @@ class PrefixCache(Cache):
     def check_extended_by(self, prompts: list[torch.Tensor]):
         """ValueError unless every new prompt starts with the tokens cached for its row."""
         if self.canvas is None:
-            raise ValueError("`past_key_values` must be the cache a previous generate() returned "
+            raise ValueError("`cache` must be the cache a previous generate() returned "
                              "(return_dict_in_generate=True).")
         if len(prompts) != self.canvas.shape[0]:
-            raise ValueError(f"`past_key_values` holds {self.canvas.shape[0]} sequences; the prompt batch has "
+            raise ValueError(f"`cache` holds {self.canvas.shape[0]} sequences; the prompt batch has "
                              f"{len(prompts)}.")
         for b, prompt in enumerate(prompts):
             start, length = int(self.pad[b]), int(self.cached[b])
@@ -75,7 +75,7 @@ class PrefixCache(Cache):
             if same is None or not bool(same.all()):
                 where = len(prompt) if same is None else int((~same).nonzero()[0])
                 raise ValueError(
-                    f"The prompt of sample {b} does not extend the sequence `past_key_values` was computed for "
+                    f"The prompt of sample {b} does not extend the sequence `cache` was computed for "
                     f"(it differs at token {where} of the {length} cached ones): pass the previous output's tokens "
                     "followed by the new ones, or no cache."
                 )

@@ -17,3 +17,40 @@ def check_token_ids(input_ids: torch.Tensor, vocab_size: int, where: torch.Tenso
             f"`input_ids` holds token id {int(input_ids[bad][0])}, outside the vocabulary "
             f"[0, vocab_size={vocab_size})."
         )
+
+
+def check_fractions(name: str, values: torch.Tensor, batch: int) -> None:
+    """`mask_ratio` / `noise_level`: shape [batch], finite, in [0, 1]."""
+    if values.shape != (batch,):
+        raise ValueError(f"`{name}` must have shape (batch,) = ({batch},); got {tuple(values.shape)}.")
+    if torch.compiler.is_compiling():
+        return
+    values = values.detach().float()
+    bad = ~((values >= 0) & (values <= 1))  # NaN fails both comparisons
+    if bad.any():
+        raise ValueError(f"`{name}` must hold fractions in [0, 1]; got {values[bad][0].item()} (row "
+                         f"{int(bad.nonzero()[0])}).")
+
+
+def check_loss_noise_level(name: str, values: torch.Tensor, labels: torch.Tensor, ignore_index: int) -> None:
+    """The ELBO divides a sequence's loss by its t: a sequence with labels needs t > 0 (a
+    clamp would silently scale its loss by 10^6). Sequences without labels may have t = 0."""
+    check_fractions(name, values, labels.shape[0])
+    bad = (values <= 0) & (labels != ignore_index).any(-1)
+    if bad.any():
+        raise ValueError(
+            f"`{name}` is 0 for row {int(bad.nonzero()[0])}, which has labelled tokens: the ELBO weighting divides "
+            "by it. Pass each sequence's masking probability t in (0, 1]."
+        )
+
+
+def check_padding_mask(attention_mask: torch.Tensor) -> None:
+    """A 2-D `attention_mask` is a padding mask of 0s and 1s (bool or any numeric dtype)."""
+    if attention_mask.dtype == torch.bool or torch.compiler.is_compiling():
+        return
+    bad = (attention_mask != 0) & (attention_mask != 1)
+    if bad.any():
+        raise ValueError(
+            f"a 2-D `attention_mask` is a padding mask of 0 (padding) and 1 (real token); got "
+            f"{attention_mask[bad][0].item()}. Pass a 4-D mask for anything else."
+        )

@@ -16,27 +16,34 @@ from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel, slice_logits_to_keep
-from transformers.utils import ModelOutput, can_return_tuple
-from transformers.utils.output_capturing import OutputRecorder, capture_outputs
+from transformers.utils import can_return_tuple
 
 from ..configuration.configuration_diffusion_moe import DiffusionMoeConfig
+from ..configuration.remote_code import AtomicSavePretrained
 from ..generation.generation_utils import DiffusionGenerationMixin
 from .attention_masks import build_attention_mask, positions_from_padding
 from .diffusion_loss import IGNORE_INDEX, chunked_cross_entropy, diffusion_loss_weights
 from .experts import DiffusionMoeExperts
-from .input_checks import check_token_ids
+from .input_checks import check_fractions, check_loss_noise_level, check_padding_mask, check_token_ids
 from .routing import DiffusionMoeRouter, RouterStats, RoutingContext, load_balancing_loss, router_stats, z_loss
+from .transformers_compat import (
+    CacheOutput,
+    ExpertsImplementationSupport,
+    OutputRecorder,
+    accepts_past_key_values,
+    capture_outputs,
+)
 
 
 @dataclass
-class DiffusionMoeModelOutput(ModelOutput):
+class DiffusionMoeModelOutput(CacheOutput):
     """Base model output. `hidden_states`, `attentions` and `router_logits` (one [B*L, E]
     tensor per MoE layer) are filled on request (`output_*=True`, or the config's flags);
     `aux_loss` / `z_loss` are averaged over MoE layers (training mode, when their
     coefficients are set); `router_stats` with `output_router_stats=True`."""
 
     last_hidden_state: torch.FloatTensor | None = None
-    past_key_values: Cache | None = None
+    cache: Cache | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     attentions: tuple[torch.FloatTensor, ...] | None = None
     router_logits: tuple[torch.FloatTensor, ...] | None = None
@@ -46,12 +53,12 @@ class DiffusionMoeModelOutput(ModelOutput):
 
 
 @dataclass
-class DiffusionMoeMaskedLMOutput(ModelOutput):
+class DiffusionMoeMaskedLMOutput(CacheOutput):
     """`loss` is the diffusion loss plus the weighted router losses (in training mode)."""
 
     loss: torch.FloatTensor | None = None
     logits: torch.FloatTensor | None = None
-    past_key_values: Cache | None = None
+    cache: Cache | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     attentions: tuple[torch.FloatTensor, ...] | None = None
     router_logits: tuple[torch.FloatTensor, ...] | None = None
@@ -147,15 +154,15 @@ class DiffusionMoeAttention(nn.Module):
         else:
             self.q_norm = self.k_norm = nn.Identity()
 
-    def forward(self, hidden_states, position_embeddings, attention_mask, past_key_values=None, **kwargs):
+    def forward(self, hidden_states, position_embeddings, attention_mask, cache=None, **kwargs):
         input_shape = hidden_states.shape[:-1]
         hidden_shape = (*input_shape, -1, self.head_dim)
         query = self.q_norm(self.q_proj(hidden_states).view(hidden_shape)).transpose(1, 2)
         key = self.k_norm(self.k_proj(hidden_states).view(hidden_shape)).transpose(1, 2)
         value = self.v_proj(hidden_states).view(hidden_shape).transpose(1, 2)
         query, key = apply_rotary_pos_emb(query, key, *position_embeddings)
-        if past_key_values is not None:
-            key, value = past_key_values.update(key, value, self.layer_idx)
+        if cache is not None:
+            key, value = cache.update(key, value, self.layer_idx)
         attention_interface: Callable = ALL_ATTENTION_FUNCTIONS.get_interface(
             self.config._attn_implementation, eager_attention_forward
         )
@@ -220,24 +227,21 @@ class DiffusionMoeDecoderLayer(GradientCheckpointingLayer):
         self.input_layernorm = DiffusionMoeRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = DiffusionMoeRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
-    def forward(self, hidden_states, attention_mask=None, position_embeddings=None, routing=None,
-                past_key_values=None):
+    def forward(self, hidden_states, attention_mask=None, position_embeddings=None, routing=None, cache=None):
         residual = hidden_states
-        hidden_states, _ = self.self_attn(
-            self.input_layernorm(hidden_states), position_embeddings, attention_mask, past_key_values
-        )
+        hidden_states, _ = self.self_attn(self.input_layernorm(hidden_states), position_embeddings, attention_mask, cache)
         hidden_states = residual + hidden_states
         normed = self.post_attention_layernorm(hidden_states)
         return hidden_states + (self.mlp(normed, routing) if self.is_moe else self.mlp(normed))
 
 
-class DiffusionMoePreTrainedModel(PreTrainedModel):
+class DiffusionMoePreTrainedModel(AtomicSavePretrained, ExpertsImplementationSupport, PreTrainedModel):
     config_class = DiffusionMoeConfig
     config: DiffusionMoeConfig
     base_model_prefix = "model"
     supports_gradient_checkpointing = True
     _no_split_modules = ["DiffusionMoeDecoderLayer"]
-    _skip_keys_device_placement = ["past_key_values"]
+    _skip_keys_device_placement = ["cache", "past_key_values"]
     _supports_sdpa = True
     _supports_flash_attn = False
     _supports_flex_attn = False
@@ -248,10 +252,6 @@ class DiffusionMoePreTrainedModel(PreTrainedModel):
         "hidden_states": DiffusionMoeDecoderLayer,
         "attentions": OutputRecorder(DiffusionMoeAttention, index=1),
     }
-
-    @classmethod
-    def _can_set_experts_implementation(cls) -> bool:
-        return True  # the experts module uses @use_experts_implementation
 
     def get_correct_experts_implementation(self, requested_experts: str | None) -> str:
         """Expert choice defaults to "batched_mm": its experts all hold the same number of
@@ -286,12 +286,13 @@ class DiffusionMoeModel(DiffusionMoePreTrainedModel):
         self.post_init()
 
     @capture_outputs
+    @accepts_past_key_values
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
         attention_mask: torch.Tensor | None = None,
         position_ids: torch.LongTensor | None = None,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         use_cache: bool | None = None,
         mask_ratio: torch.Tensor | None = None,
@@ -308,6 +309,8 @@ class DiffusionMoeModel(DiffusionMoePreTrainedModel):
             schedule; a block-causal model's blocks all use their sequence's value. When not
             given, each routing unit (a sequence; for block-causal models each attention
             block) reads its own ratio from `input_ids == mask_token_id`.
+        cache: a `Cache` holding the keys/values before this forward (Transformers 5.24's name;
+            `past_key_values=` is accepted as Transformers accepts it).
         use_cache: return (and fill) a `DynamicCache` with this forward's keys/values.
         output_hidden_states / output_attentions / output_router_logits: Transformers' output
             flags (default: the config's); attentions need `attn_implementation="eager"`.
@@ -329,9 +332,9 @@ class DiffusionMoeModel(DiffusionMoePreTrainedModel):
             inputs_embeds = self.embed_tokens(input_ids)
         B, L = inputs_embeds.shape[:2]
         device = inputs_embeds.device
-        if use_cache and past_key_values is None:
-            past_key_values = DynamicCache(config=self.config)
-        past_length = past_key_values.get_seq_length() if past_key_values is not None else 0
+        if use_cache and cache is None:
+            cache = DynamicCache(config=self.config)
+        past_length = cache.get_seq_length() if cache is not None else 0
 
         if (attention_mask is not None and attention_mask.dim() == 4) or (
             attention_mask is None and self._sees_every_key(L, past_length)
@@ -348,6 +351,7 @@ class DiffusionMoeModel(DiffusionMoePreTrainedModel):
                     f"`attention_mask` must have shape (batch, past + length) = ({B}, {past_length + L}); "
                     f"got {tuple(attention_mask.shape)}."
                 )
+            check_padding_mask(attention_mask)
             full_padding = attention_mask.bool()
             key_positions = positions_from_padding(full_padding)
             if position_ids is None:
@@ -364,8 +368,7 @@ class DiffusionMoeModel(DiffusionMoePreTrainedModel):
             )
         masked = None
         if mask_ratio is not None:
-            if mask_ratio.shape != (B,):
-                raise ValueError(f"`mask_ratio` must have shape (batch,) = ({B},); got {tuple(mask_ratio.shape)}.")
+            check_fractions("mask_ratio", mask_ratio, B)
         elif self.config.capacity_schedule != "constant":
             masked = self.mask_tokens_of(input_ids)
         elif input_ids is not None and self.config.mask_token_id is not None:
@@ -387,7 +390,7 @@ class DiffusionMoeModel(DiffusionMoePreTrainedModel):
                 attention_mask=mask,
                 position_embeddings=position_embeddings,
                 routing=routing,
-                past_key_values=past_key_values,
+                cache=cache,
             )
         decisions = routing.collected()
         aux_loss = z = None
@@ -398,7 +401,7 @@ class DiffusionMoeModel(DiffusionMoePreTrainedModel):
                 aux_loss = sum(load_balancing_loss(d, padding_mask) for d in decisions) / len(decisions)
         return DiffusionMoeModelOutput(
             last_hidden_state=self.norm(hidden_states),
-            past_key_values=past_key_values if use_cache or past_length else None,
+            cache=cache if use_cache or past_length else None,
             aux_loss=aux_loss,
             z_loss=z,
             router_stats=tuple(router_stats(d, padding_mask) for d in decisions) if output_router_stats else None,
@@ -444,6 +447,7 @@ class DiffusionMoeForMaskedLM(DiffusionGenerationMixin, DiffusionMoePreTrainedMo
         self.post_init()
 
     @can_return_tuple
+    @accepts_past_key_values
     def forward(
         self,
         input_ids: torch.LongTensor | None = None,
@@ -454,7 +458,7 @@ class DiffusionMoeForMaskedLM(DiffusionGenerationMixin, DiffusionMoePreTrainedMo
         noise_level: torch.Tensor | None = None,
         output_router_stats: bool = False,
         static_routing: bool = False,
-        past_key_values: Cache | None = None,
+        cache: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         use_cache: bool | None = None,
         num_items_in_batch: torch.Tensor | int | None = None,
@@ -484,7 +488,7 @@ class DiffusionMoeForMaskedLM(DiffusionGenerationMixin, DiffusionMoePreTrainedMo
             input_ids=input_ids,
             attention_mask=attention_mask,
             position_ids=position_ids,
-            past_key_values=past_key_values,
+            cache=cache,
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             mask_ratio=mask_ratio,
@@ -503,6 +507,9 @@ class DiffusionMoeForMaskedLM(DiffusionGenerationMixin, DiffusionMoePreTrainedMo
                 padding_mask = attention_mask[:, -labels.shape[1] :].bool()
             else:
                 padding_mask = torch.ones_like(labels, dtype=torch.bool)
+            if self.config.loss_weighting == "elbo" and (noise_level is not None or mask_ratio is not None):
+                named = ("noise_level", noise_level) if noise_level is not None else ("mask_ratio", mask_ratio)
+                check_loss_noise_level(*named, labels, IGNORE_INDEX)
             weights = diffusion_loss_weights(
                 labels, padding_mask, noise_level if noise_level is not None else mask_ratio,
                 self.config.loss_weighting, num_items_in_batch, torch.promote_types(hidden_states.dtype, torch.float32),
@@ -519,7 +526,7 @@ class DiffusionMoeForMaskedLM(DiffusionGenerationMixin, DiffusionMoePreTrainedMo
         return DiffusionMoeMaskedLMOutput(
             loss=loss,
             logits=logits,
-            past_key_values=outputs.past_key_values,
+            cache=outputs.cache,
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             router_logits=outputs.router_logits,

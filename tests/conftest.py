@@ -1,9 +1,19 @@
+import logging
+import re
+import warnings
+
 import pytest
 import torch
 
 from diffusion_moe import DiffusionMoeConfig
 
 MASK_ID = 63
+
+# Deprecations that Transformers' or PEFT's own code triggers, whatever our code does.
+THIRD_PARTY_DEPRECATIONS = (
+    r"`gradient_checkpointing_enable` is deprecated",  # Trainer(gradient_checkpointing=True) calls it
+    r"`is_gradient_checkpointing` is deprecated",  # PEFT's get_peft_model reads it
+)
 
 
 def tiny_config(**overrides) -> DiffusionMoeConfig:
@@ -29,3 +39,49 @@ def tiny_config(**overrides) -> DiffusionMoeConfig:
 @pytest.fixture(autouse=True)
 def _seed():
     torch.manual_seed(0)
+
+
+@pytest.fixture(autouse=True)
+def _fresh_warning_once():
+    """Transformers' `logger.warning_once` remembers messages process-wide; each test sees
+    its own, so whether a warning is checked does not depend on test order."""
+    clear = getattr(getattr(logging.Logger, "warning_once", None), "cache_clear", None)
+    if clear is not None:
+        clear()
+
+
+class _Records(logging.Handler):
+    def __init__(self):
+        super().__init__(logging.WARNING)
+        self.messages = []
+
+    def emit(self, record):
+        self.messages.append(record.getMessage())
+
+
+def _ours_to_fix(message: str) -> bool:
+    return not any(re.search(pattern, message) for pattern in THIRD_PARTY_DEPRECATIONS)
+
+
+@pytest.fixture(autouse=True)
+def _no_transformers_deprecations(request):
+    """Every test fails if the code under test makes Transformers warn of a deprecation
+    (a FutureWarning, or its logger's "deprecated" warnings): under the newest release our
+    calls must already use the new names. Tests that pass an old name on purpose are marked
+    `uses_deprecated_names`."""
+    if request.node.get_closest_marker("uses_deprecated_names"):
+        yield
+        return
+    records = _Records()
+    transformers_logger = logging.getLogger("transformers")
+    transformers_logger.addHandler(records)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always", FutureWarning)
+            yield
+    finally:
+        transformers_logger.removeHandler(records)
+    found = [str(w.message) for w in caught if issubclass(w.category, FutureWarning)]
+    found += [m for m in records.messages if "deprecat" in m.lower()]
+    found = [message for message in found if _ours_to_fix(message)]
+    assert not found, f"deprecation warnings from our calls: {found}"

@@ -17,6 +17,8 @@ from diffusion_moe.configuration.remote_code import REMOTE_CODE_FILES
 from diffusion_moe.modeling import experts as experts_module
 from diffusion_moe.modeling.routing import DiffusionMoeRouter, RoutingContext
 
+pytestmark = pytest.mark.smoke
+
 ROUTERS = [
     dict(router_type="token_choice"),
     dict(router_type="expert_choice"),
@@ -177,14 +179,17 @@ def test_push_to_hub_uploads_the_remote_code_with_the_weights(tmp_path, monkeypa
         def save(self, path):
             open(path, "w").write("card")
 
-    monkeypatch.setattr("transformers.modeling_utils.hf_api", lambda: FakeApi())
+    # uploads go through the public `push_to_hub` (transformers.utils.hub); the private paths
+    # of Transformers' own save_pretrained(push_to_hub=True) must stay unused
     monkeypatch.setattr("transformers.utils.hub.hf_api", lambda: FakeApi())
-    monkeypatch.setattr("transformers.configuration_utils.hf_api", lambda: FakeApi(), raising=False)
-    monkeypatch.setattr("transformers.modeling_utils.create_and_tag_model_card", lambda *a, **k: FakeCard())
+    monkeypatch.setattr("transformers.utils.hub.create_and_tag_model_card", lambda *a, **k: FakeCard())
+    monkeypatch.setattr("transformers.modeling_utils.hf_api", lambda: pytest.fail("private upload path"))
+    monkeypatch.setattr("transformers.configuration_utils.hf_api", lambda: pytest.fail("private upload path"))
     model = model_for(router_type="expert_choice")
     folder = tmp_path / "repo"
     model.save_pretrained(folder, push_to_hub=True, repo_id="me/repo")
     model.save_pretrained(folder, push_to_hub=True, repo_id="me/repo")  # files exist already
+    assert len(uploads) == 2
     for uploaded in uploads:
         assert {"config.json", "model.safetensors", *REMOTE_CODE_FILES} <= set(uploaded)
     uploads.clear()

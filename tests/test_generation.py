@@ -93,6 +93,7 @@ def reference_generate(model, ids, max_new_tokens, block_length, steps, threshol
 # --- reference semantics, cache ---------------------------------------------------------
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("prompt_length", [3, 8])
 @pytest.mark.parametrize("threshold", [None, 0.3])
 def test_block_causal_matches_reference_loop(prompt_length, threshold):
@@ -121,6 +122,7 @@ def test_reference_loop_stops_after_eos_block():
     assert out.sequences[0].tolist() == reference_generate(model, ids, 10, 4, 2, eos=eos).tolist()
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("router", [*ROUTERS, "capacity_factor"])
 @pytest.mark.parametrize("threshold", [None, 0.2])
 def test_exact_cache_equals_no_cache_batched(router, threshold):
@@ -193,6 +195,7 @@ def test_exact_cache_needs_aligned_block_length():
 # --- batching ------------------------------------------------------------------------------
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("layout", ["block_causal", "bidirectional"])
 @pytest.mark.parametrize("router", ROUTERS)
 def test_batch_invariance(layout, router):
@@ -318,6 +321,7 @@ def test_bidirectional_approximate_cache(approximate_cache):
 # --- outputs, stats, streaming, progress -----------------------------------------------------
 
 
+@pytest.mark.smoke
 def test_output_object_fields_and_shapes():
     model = tiny_model(layout="bidirectional", router="block")
     ids, mask = left_pad([prompt(3), prompt(5)])
@@ -466,6 +470,7 @@ def test_config_defaults_and_overrides():
     assert out.sequences.shape == (1, 8) and out.num_forward_passes == 2  # one block [0, 8), 2 steps
 
 
+@pytest.mark.smoke
 def test_save_and_remote_code_load(tmp_path):
     model = tiny_model()
     model.generation_config.max_new_tokens = 9

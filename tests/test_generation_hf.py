@@ -159,7 +159,7 @@ def test_the_returned_cache_serves_the_next_turn(router):
     model = tiny_model(router=router, seed=5)
     first_ids, first_mask = left_pad([prompt(6, 1), prompt(3, 2)])
     out = model.generate(first_ids, first_mask, **GEN, threshold=0.3, return_dict_in_generate=True)
-    assert out.past_key_values is not None
+    assert out.cache is not None
     turns = []
     for b in range(2):  # the next prompt: the whole first turn, then new user tokens
         row = out.sequences[b][torch.cat([first_mask[b].bool(), out.sequences[b, first_ids.shape[1] :] != PAD])]
@@ -169,13 +169,13 @@ def test_the_returned_cache_serves_the_next_turn(router):
     hook = model.model.embed_tokens.register_forward_hook(lambda m, a, o: embedded.append(a[0].numel()))
     fresh = model.generate(ids, mask, **GEN, threshold=0.3)
     fresh_tokens, embedded = sum(embedded), embedded.clear() or embedded
-    reused = model.generate(ids, mask, **GEN, threshold=0.3, past_key_values=out.past_key_values)
+    reused = model.generate(ids, mask, **GEN, threshold=0.3, cache=out.cache)
     hook.remove()
     assert torch.equal(reused, fresh)
     assert sum(embedded) < fresh_tokens  # the cached blocks were not run again
     with pytest.raises(ValueError, match="does not extend"):
         other, other_mask = left_pad([prompt(12, 3), prompt(9, 4)])
-        model.generate(other, other_mask, **GEN, past_key_values=out.past_key_values)
+        model.generate(other, other_mask, **GEN, cache=out.cache)
 
 
 class DraftRecorder(TextDiffusionStreamer):

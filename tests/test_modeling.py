@@ -87,7 +87,7 @@ def test_block_causal_kv_cache_gives_the_same_logits_as_a_full_forward():
     ids = torch.randint(1, MASK_ID, (1, 12))
     full = model(ids).logits
     prefix = model(ids[:, :8], use_cache=True)
-    step = model(ids[:, 8:], attention_mask=torch.ones(1, 12), past_key_values=prefix.past_key_values)
+    step = model(ids[:, 8:], attention_mask=torch.ones(1, 12), cache=prefix.cache)
     torch.testing.assert_close(step.logits, full[:, 8:], atol=1e-5, rtol=1e-5)
 
 

@@ -10,6 +10,8 @@ from transformers import AutoConfig, AutoModel, AutoModelForMaskedLM
 from conftest import MASK_ID, tiny_config
 from diffusion_moe import DiffusionMoeConfig, DiffusionMoeForMaskedLM, DiffusionMoeModel
 
+pytestmark = pytest.mark.smoke
+
 
 def saved_model(tmp_path, **overrides):
     model = DiffusionMoeForMaskedLM(tiny_config(num_shared_experts=1, first_k_dense_replace=1, **overrides)).eval()

@@ -62,6 +62,7 @@ def training_args(path, **overrides):
 # ---------------------------------------------------------------------------- collators
 
 
+@pytest.mark.smoke
 def test_pretrain_collator_masks_and_labels(tokenizer):
     collator = DiffusionPretrainCollator(tokenizer=tokenizer)
     torch.manual_seed(0)
@@ -205,6 +206,7 @@ def pre_noised(dataset, collator, n=16):
     return Dataset.from_list([{k: v.tolist() for k, v in r.items()} for r in rows]).with_format("torch")
 
 
+@pytest.mark.smoke
 @pytest.mark.parametrize("weighting, z_coef", [("elbo", 0.01), ("none", 0.0)])
 def test_gradient_accumulation_matches_large_batch(tokenizer, datasets, tmp_path, weighting, z_coef):
     config = tiny_config(tokenizer, loss_weighting=weighting, router_z_loss_coef=z_coef)
@@ -325,6 +327,7 @@ def test_bf16_autocast_and_gradient_checkpointing(tokenizer, datasets, tmp_path)
     assert next(bf16_model.parameters()).dtype == torch.float32  # autocast, weights stay fp32
 
 
+@pytest.mark.smoke
 def test_resume_from_checkpoint_continues_identically(tokenizer, datasets, tmp_path):
     config = tiny_config(tokenizer, expert_bias_update_rate=0.01)
     collator = DiffusionPretrainCollator.from_config(config, tokenizer, seed=0)
