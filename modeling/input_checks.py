@@ -54,3 +54,17 @@ def check_padding_mask(attention_mask: torch.Tensor) -> None:
             f"a 2-D `attention_mask` is a padding mask of 0 (padding) and 1 (real token); got "
             f"{attention_mask[bad][0].item()}. Pass a 4-D mask for anything else."
         )
+
+
+def check_input_shape(input_ids: torch.Tensor | None, inputs_embeds: torch.Tensor | None, hidden_size: int) -> None:
+    """`input_ids` [B, L] or `inputs_embeds` [B, L, hidden_size], with B, L >= 1."""
+    name, tensor = ("input_ids", input_ids) if input_ids is not None else ("inputs_embeds", inputs_embeds)
+    want = "[batch, length]" if input_ids is not None else f"[batch, length, hidden_size={hidden_size}]"
+    dims = 2 if input_ids is not None else 3
+    if tensor.dim() != dims or (dims == 3 and tensor.shape[-1] != hidden_size):
+        raise ValueError(f"`{name}` must have shape {want}; got {tuple(tensor.shape)}.")
+    if tensor.shape[0] == 0 or tensor.shape[1] == 0:
+        raise ValueError(f"`{name}` must hold at least one sequence of at least one token; got shape "
+                         f"{tuple(tensor.shape)}.")
+    if input_ids is not None and (input_ids.dtype.is_floating_point or input_ids.dtype == torch.bool):
+        raise ValueError(f"`input_ids` must be integer token ids; got dtype {input_ids.dtype}.")

@@ -24,7 +24,13 @@ from ..generation.generation_utils import DiffusionGenerationMixin
 from .attention_masks import build_attention_mask, positions_from_padding
 from .diffusion_loss import IGNORE_INDEX, chunked_cross_entropy, diffusion_loss_weights
 from .experts import DiffusionMoeExperts
-from .input_checks import check_fractions, check_loss_noise_level, check_padding_mask, check_token_ids
+from .input_checks import (
+    check_fractions,
+    check_input_shape,
+    check_loss_noise_level,
+    check_padding_mask,
+    check_token_ids,
+)
 from .routing import DiffusionMoeRouter, RouterStats, RoutingContext, load_balancing_loss, router_stats, z_loss
 from .transformers_compat import (
     CacheOutput,
@@ -321,6 +327,7 @@ class DiffusionMoeModel(DiffusionMoePreTrainedModel):
         """
         if (input_ids is None) == (inputs_embeds is None):
             raise ValueError("DiffusionMoeModel.forward: pass exactly one of `input_ids` or `inputs_embeds`.")
+        check_input_shape(input_ids, inputs_embeds, self.config.hidden_size)
         wants_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
         if wants_attentions and self.config._attn_implementation != "eager":
             raise ValueError(
@@ -335,6 +342,8 @@ class DiffusionMoeModel(DiffusionMoePreTrainedModel):
         if use_cache and cache is None:
             cache = DynamicCache(config=self.config)
         past_length = cache.get_seq_length() if cache is not None else 0
+        if self.config.attention_layout == "block_causal" and (attention_mask is None or attention_mask.dim() == 2):
+            self._check_cached_blocks_are_whole(attention_mask, past_length)
 
         if (attention_mask is not None and attention_mask.dim() == 4) or (
             attention_mask is None and self._sees_every_key(L, past_length)
@@ -354,9 +363,11 @@ class DiffusionMoeModel(DiffusionMoePreTrainedModel):
             check_padding_mask(attention_mask)
             full_padding = attention_mask.bool()
             key_positions = positions_from_padding(full_padding)
+            padding_mask = full_padding[:, past_length:]
             if position_ids is None:
                 position_ids = key_positions[:, past_length:]
-            padding_mask = full_padding[:, past_length:]
+            elif self.config.attention_layout == "block_causal":
+                key_positions = self._block_positions(position_ids.expand(B, L), key_positions, padding_mask)
             mask = build_attention_mask(
                 full_padding, position_ids.expand(B, L), key_positions, self.config.attention_layout,
                 self.config.block_size,
@@ -406,6 +417,44 @@ class DiffusionMoeModel(DiffusionMoePreTrainedModel):
             z_loss=z,
             router_stats=tuple(router_stats(d, padding_mask) for d in decisions) if output_router_stats else None,
         )
+
+    def _check_cached_blocks_are_whole(self, attention_mask, past_length) -> None:
+        """A block's keys/values are final only once the whole block has been seen: a cached
+        prefix that ends inside a block would give its tokens keys computed without the rest of
+        their block (silently inexact). `generate` always caches whole blocks."""
+        if not isinstance(past_length, int) or past_length == 0 or torch.compiler.is_compiling():
+            return
+        block = self.config.block_size
+        cached = (attention_mask[:, :past_length].long().sum(-1) if attention_mask is not None
+                  else torch.tensor([past_length]))
+        partial = cached % block != 0
+        if partial.any():
+            row = int(partial.nonzero()[0])
+            raise ValueError(
+                f"`cache` ends inside an attention block: row {row} has {int(cached[row])} cached real tokens, not a "
+                f"multiple of block_size ({block}). Cache whole blocks (as generate() does), or run without `cache`."
+            )
+
+    @staticmethod
+    def _block_positions(position_ids, mask_positions, padding_mask) -> torch.Tensor:
+        """Key positions for the block-causal mask when `position_ids` are given: one source of
+        truth for which block a token is in, so queries and keys can never disagree. Without a
+        cache the given positions are the keys' too; cached keys were placed by the padding mask,
+        so the new tokens' positions must continue them (else a ValueError)."""
+        past_length = mask_positions.shape[1] - position_ids.shape[1]
+        if past_length == 0:
+            return position_ids
+        if not torch.compiler.is_compiling():
+            differs = (position_ids != mask_positions[:, past_length:]) & padding_mask
+            if differs.any():
+                row, col = (int(i) for i in differs.nonzero()[0])
+                raise ValueError(
+                    f"`position_ids` disagree with `attention_mask` at row {row}, token {col}: "
+                    f"{int(position_ids[row, col])} given, {int(mask_positions[row, past_length + col])} from the padding "
+                    "mask (positions count real tokens from each sequence's first). With a cache they must agree, or "
+                    "blocks of the cached and new tokens would be computed two ways."
+                )
+        return mask_positions
 
     def _sees_every_key(self, length: int, past_length) -> bool:
         """Without padding, does every query attend to every key? Always for bidirectional

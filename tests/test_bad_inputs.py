@@ -76,3 +76,78 @@ def test_any_mask_ratio_is_rejected_by_name_or_gives_finite_logits(ratio):
         assert math.isnan(ratio) or ratio < 0 or ratio > 1
         with pytest.raises(ValueError, match="mask_ratio"):
             m(ids, mask_ratio=torch.tensor([ratio]))
+
+
+def left_padded_batch():
+    ids = torch.randint(1, MASK_ID, (2, 12))
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[1, :3] = 0  # row 1: three pad tokens, then nine real ones
+    return ids.masked_fill(mask == 0, 0), mask
+
+
+@pytest.mark.parametrize("positions", ["from the mask", "arange (pads counted)"])
+@pytest.mark.parametrize("router", ["token_choice", "expert_choice"])
+def test_explicit_position_ids_keep_block_causality_on_a_left_padded_batch(positions, router):
+    """diffusers' LLaDA2Pipeline passes position_ids; queries' blocks came from them and keys'
+    from the mask, so rows attended to later blocks (earlier logits moved by up to 52)."""
+    m = model(attention_layout="block_causal", block_size=4, router_type=router)
+    ids, mask = left_padded_batch()
+    position_ids = (mask.cumsum(-1) - 1).clamp(min=0) if positions == "from the mask" else torch.arange(12).expand(2, 12)
+    changed = ids.clone()
+    changed[:, -1] = (changed[:, -1] + 1) % MASK_ID + 1  # a token of the last block
+    a = m(ids, attention_mask=mask, position_ids=position_ids).logits
+    b = m(changed, attention_mask=mask, position_ids=position_ids).logits
+    last_block_start = (position_ids // 4 == position_ids[:, -1:] // 4).long().argmax(-1)
+    for row in range(2):
+        earlier = slice(0, int(last_block_start[row]))
+        real = mask[row, earlier].bool()
+        torch.testing.assert_close(a[row, earlier][real], b[row, earlier][real], atol=1e-6, rtol=0)
+
+
+def block_aligned_batch():
+    """Row 1 is left-padded by a whole block, so both rows' cached prefixes are whole blocks."""
+    ids = torch.randint(1, MASK_ID, (2, 12))
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[1, :4] = 0
+    return ids.masked_fill(mask == 0, 0), mask
+
+
+def test_position_ids_that_disagree_with_a_cached_prefix_are_an_error():
+    m = model(attention_layout="block_causal", block_size=4)
+    ids, mask = block_aligned_batch()
+    wrong = torch.arange(8, 12).expand(2, 4)  # row 1's real positions are 4..7
+    with pytest.raises(ValueError, match="position_ids"):
+        m(ids[:, 8:], attention_mask=mask, position_ids=wrong,
+          cache=m(ids[:, :8], attention_mask=mask[:, :8], use_cache=True).cache)
+    right = ((mask.cumsum(-1) - 1).clamp(min=0))[:, 8:]
+    step = m(ids[:, 8:], attention_mask=mask, position_ids=right,
+             cache=m(ids[:, :8], attention_mask=mask[:, :8], use_cache=True).cache).logits
+    real = mask[:, 8:].bool()
+    torch.testing.assert_close(step[real], m(ids, attention_mask=mask).logits[:, 8:][real], atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("padded", [True, False])
+def test_a_cache_that_ends_inside_a_block_is_an_error(padded):
+    """Its last block's keys were computed without the rest of the block: silently inexact."""
+    m = model(attention_layout="block_causal", block_size=4)
+    ids, mask = left_padded_batch()  # row 1 has 5 real tokens in the first 8
+    if not padded:
+        ids, mask = ids[:1], None
+    prefix_mask = None if mask is None else mask[:, :6]
+    prefix = m(ids[:, :6], attention_mask=prefix_mask, use_cache=True)
+    with pytest.raises(ValueError, match="inside an attention block"):
+        m(ids[:, 6:], attention_mask=mask, cache=prefix.cache)
+
+
+@pytest.mark.parametrize("shape", [(2, 0), (0, 5), (5,), (1, 2, 3)])
+def test_empty_or_misshapen_input_ids_are_an_error_naming_them(shape):
+    with pytest.raises(ValueError, match="input_ids"):
+        model()(torch.zeros(shape, dtype=torch.long))
+
+
+def test_float_input_ids_and_misshapen_embeddings_are_errors():
+    m = model()
+    with pytest.raises(ValueError, match="input_ids"):
+        m(torch.ones(1, 4))
+    with pytest.raises(ValueError, match="inputs_embeds"):
+        m(inputs_embeds=torch.zeros(1, 4, m.config.hidden_size + 1))
