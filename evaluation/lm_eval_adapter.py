@@ -1,13 +1,20 @@
-"""`DiffusionMoeLM`: a masked-diffusion MoE model as an lm-evaluation-harness (lm_eval 0.4) model.
+r"""`DiffusionMoeLM`: a masked-diffusion MoE model as an lm-evaluation-harness (lm_eval 0.4) model.
 
 Registered as `diffusion_moe`. The three request types:
 
 * `generate_until`: the library's batched block-parallel `generate()` on left-padded
-  prompts (one call per batch of requests that share their generation settings). The task's
-  `until` strings are passed as `stop_strings` (decoding stops after the block that
-  completes one), and the decoded answer is cut at the first stop sequence or EOS, as
-  lm_eval expects. Denoising forwards and tokens per forward are accumulated in
-  `generation_stats`.
+  prompts (one call per batch of requests that share their generation settings). The
+  decoded answer is always cut at the first of the task's `until` strings or EOS, as
+  lm_eval's `HFLM` post-processes it (`postprocess_generated_text`). Each answer also stops
+  decoding early, after the block in which its decoded text first contains a stop sequence:
+  a stopping criterion that decodes the answer tokens only (never the prompt), so it works
+  with any tokenizer that decodes. Transformers' `stop_strings` (`StopStringCriteria`) is
+  not used: it cannot be built for tokenizers whose vocabulary it cannot index (a
+  word-level tokenizer raises `ValueError: substring not found`), and it matches the stop
+  sequence against prompt + answer, so a stop sequence that starts in the prompt (a chat
+  prompt ending in "\n", `until=["\n\n"]`, an answer starting with "\n") would end the
+  answer after its first token. Denoising forwards and tokens per forward are accumulated
+  in `generation_stats`.
 * `loglikelihood`: a Monte Carlo estimate of the ELBO of log p(continuation | context), the
   estimator of LLaDA's evaluation. Sample j masks l_j of the L continuation tokens
   (a uniformly random subset; l_j = ceil(u_j L) with u_j stratified over (0, 1), so l_j is
@@ -26,9 +33,32 @@ Registered as `diffusion_moe`. The three request types:
   conditioned on the BOS token, or EOS when the tokenizer has no BOS), in disjoint windows
   of at most `max_length` tokens, summed (total nats, as lm_eval's perplexity metrics need).
 
+Text never becomes the mask token. All three encode text with `tok_encode`, which encodes
+the mask token's text (e.g. "<|mask|>" in a document) as ordinary text, the way
+Transformers' `apply_chat_template(..., sanitize_control_tokens=True)` encodes control
+tokens in user input: the text around it is encoded as usual and the mask token's text
+with `split_special_tokens=True`. A tokenizer that yields the mask id even then (a
+word-level vocabulary holding the word) raises a ValueError naming the text: the model
+would read a mask, not the text, and score or answer something else than was asked.
+
 MC samples of one or several requests are rows of one forward, `batch_size` rows at a time.
 Log-probabilities are computed from the masked positions' hidden states in chunks, so no
 [rows, length, vocab] logits are ever built (LLaDA2's vocabulary has 157k entries).
+
+Built on `TemplateLM`, not `HFLM`. `TemplateLM` gives the request plumbing (context /
+continuation encoding and splitting, empty contexts, `create_from_arg_string` with lm_eval's
+argument parsing); lm_eval's helpers do batching (`Collator`), generation settings
+(`normalize_gen_kwargs`, `handle_stop_sequences`, `postprocess_generated_text`), prompt
+truncation (`truncate_tokens`), rolling windows and string arguments (`handle_arg_string`);
+the tokenizer pads. Subclassing `HFLM` would bring autoregressive assumptions that are
+wrong here: its `_loglikelihood_tokens` scores a continuation with one shifted (next-token)
+forward, where a masked diffusion model's logits at a position predict that position and
+the likelihood needs masking; its stop criterion (`MultiTokenEOSCriteria`) decodes only the
+last len(stop) + 2 tokens, as if one token were added per step, so it misses a stop early
+in a block that diffusion decides at once, and it answers for the whole batch, not per row;
+its `__init__` loads `AutoModelForCausalLM` / seq2seq backends and probes `batch_size=auto`
+with autoregressive forwards. What remains here is diffusion-specific: the Monte Carlo ELBO
+and block generation.
 """
 
 import hashlib
@@ -38,13 +68,20 @@ import sys
 import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
-from transformers import AutoConfig, AutoModelForMaskedLM, AutoTokenizer
+from transformers import AutoConfig, AutoModelForMaskedLM, AutoTokenizer, StoppingCriteria, StoppingCriteriaList
 
 import lm_eval.models  # noqa: F401  -- fills lm_eval's model registry first, so that "hf", "dummy"... still resolve
 from lm_eval.api.model import TemplateLM
 from lm_eval.api.registry import register_model
-from lm_eval.models.utils import Collator, handle_stop_sequences, normalize_gen_kwargs, postprocess_generated_text
-from lm_eval.utils import get_rolling_token_windows, make_disjoint_window
+from lm_eval.models.utils import (
+    Collator,
+    handle_stop_sequences,
+    normalize_gen_kwargs,
+    postprocess_generated_text,
+    truncate_tokens,
+)
+from lm_eval.models.utils_hf import get_dtype
+from lm_eval.utils import get_rolling_token_windows, handle_arg_string, make_disjoint_window
 
 from ..generation.generation_config_diffusion import SUPPORTED_FIELDS, DiffusionGenerationConfig
 
@@ -62,11 +99,14 @@ _PER_REQUEST_FIELDS = {
     "transformers_version": "not a setting",
 }
 GENERATION_SETTINGS = frozenset(SUPPORTED_FIELDS) - set(_PER_REQUEST_FIELDS)
-_DTYPES = {
-    "float32": torch.float32, "fp32": torch.float32, "float": torch.float32,
-    "bfloat16": torch.bfloat16, "bf16": torch.bfloat16,
-    "float16": torch.float16, "fp16": torch.float16, "half": torch.float16,
-    "float64": torch.float64, "fp64": torch.float64,
+# generate() settings a task's generation_kwargs / --gen_kwargs may not set (max_new_tokens and the
+# other length aliases are lm_eval's `max_gen_toks`, which normalize_gen_kwargs has already taken)
+_NOT_IN_GEN_KWARGS = {
+    "max_length": "lm_eval's answer length is `max_gen_toks`",
+    "stop_strings": "stop sequences are `until`",
+    "return_dict_in_generate": "the adapter always asks for the dict output",
+    "num_return_sequences": "lm_eval asks for repeats through the task's `repeats`",
+    "output_history": "not used by the adapter",
 }
 # fp32 log-probabilities of at most this many bytes exist at once when scoring
 _CHUNK_BYTES = 256 * 2**20
@@ -81,7 +121,8 @@ class DiffusionMoeLM(TemplateLM):
         tokenizer: tokenizer folder or id (default: `pretrained`).
         device: torch device; lm_eval's CLI default "cuda:0" falls back to "cpu" (with a
             warning) when CUDA is unavailable. Default: CUDA when available, else CPU.
-        dtype: "auto" (the checkpoint's), "float32", "bfloat16", "float16" or "float64".
+        dtype: "auto" (the checkpoint's) or a torch floating dtype's name ("float32", "bfloat16",
+            "float16", "float64", "half", ...), as lm_eval's `hf` model takes it.
         batch_size: sequences per forward: prompts per `generate()` call, ELBO rows (Monte
             Carlo samples of one or several requests) per scoring forward. An int or a
             numeric string; lm_eval's "auto" is not supported.
@@ -125,10 +166,10 @@ class DiffusionMoeLM(TemplateLM):
         if pretrained is None or not str(pretrained).strip():
             raise ValueError(f"{MODEL_NAME}: `pretrained` (a checkpoint folder or id) is required.")
         self.batch_size = _batch_size(batch_size, max_batch_size)
-        self.mc_num = _positive_int(mc_num, "mc_num")
+        self.mc_num = _int(mc_num, "mc_num", minimum=1)
         self.seed = _int(seed, "seed")
         self.check_greedy = _bool(check_greedy, "check_greedy")
-        self.max_gen_toks = _positive_int(max_gen_toks, "max_gen_toks")
+        self.max_gen_toks = _int(max_gen_toks, "max_gen_toks", minimum=1)
         trust_remote_code = _bool(trust_remote_code, "trust_remote_code")
         torch_dtype = _dtype(dtype)
         self._device = _device(device)
@@ -164,7 +205,7 @@ class DiffusionMoeLM(TemplateLM):
             config = AutoConfig.from_pretrained(str(pretrained), trust_remote_code=trust_remote_code, **overrides)
         if config.mask_token_id is None:
             raise ValueError(f"{MODEL_NAME}: the checkpoint's config sets no `mask_token_id`.")
-        self.max_length = _positive_int(max_length, "max_length") if max_length is not None else int(
+        self.max_length = _int(max_length, "max_length", minimum=1) if max_length is not None else int(
             config.max_position_embeddings
         )
         if self.max_length < 2:
@@ -180,6 +221,10 @@ class DiffusionMoeLM(TemplateLM):
         )
         self.tokenizer.padding_side = "left"
         self.mask_token_id = config.mask_token_id
+        if self.tokenizer.pad_token_id is None:
+            # the tokenizer pads prompts and ELBO rows (padding is never attended); like lm_eval's
+            # configure_pad_token without its last resort of adding a token the embeddings lack
+            self.tokenizer.pad_token_id = self.eot_token_id
         self.generation_defaults = generation
         self.generation_stats = _empty_stats()  # accumulated over generate_until calls
         self._sample_tokens_per_forward = 0.0
@@ -224,7 +269,52 @@ class DiffusionMoeLM(TemplateLM):
         )
 
     def tok_encode(self, string: str, add_special_tokens: bool | None = None, **kwargs) -> list[int]:
-        return self.tokenizer.encode(string, add_special_tokens=bool(add_special_tokens))
+        """`string`'s token ids (no special tokens unless asked for), never holding the mask id:
+        the mask token's text is encoded as ordinary text (see the module docstring)."""
+        ids = self.tokenizer.encode(string, add_special_tokens=bool(add_special_tokens))
+        if self.mask_token_id in ids:
+            ids = self._encode_mask_text_as_text(string, ids, bool(add_special_tokens))
+        return ids
+
+    def _encode_mask_text_as_text(self, string: str, ids: list[int], add_special_tokens: bool) -> list[int]:
+        """`string` with each occurrence of the mask token's text encoded as plain text, as
+        Transformers' `sanitize_control_tokens` encodes control tokens in user input: the text
+        between occurrences is encoded as usual (added tokens split the text there anyway), each
+        occurrence with `split_special_tokens=True`; pieces after the first are encoded after a
+        newline that is then dropped, so that a SentencePiece tokenizer adds no prefix space."""
+        mask_text = self.tokenizer.convert_ids_to_tokens(self.mask_token_id)
+        pieces = string.split(mask_text) if mask_text else [string]
+        plain = self._encode_piece(pieces[0], first=True)
+        for piece in pieces[1:]:
+            plain += self._encode_piece(mask_text, as_text=True)
+            if piece:
+                plain += self._encode_piece(piece)
+        if add_special_tokens:  # the tokenizer's own special tokens around the text
+            bare = self.tokenizer.encode(string, add_special_tokens=False)
+            at = next((k for k in range(len(ids) - len(bare) + 1) if ids[k : k + len(bare)] == bare), None)
+            if at is None:
+                raise ValueError(f"{MODEL_NAME}: cannot tell the special tokens the tokenizer adds to {string!r}.")
+            plain = ids[:at] + plain + ids[at + len(bare):]
+        if self.mask_token_id in plain:
+            at = string.find(mask_text) if mask_text else -1
+            where = string[max(at - 30, 0) : at + len(mask_text) + 30] if at >= 0 else string[:80]
+            raise ValueError(
+                f"{MODEL_NAME}: the text contains the mask token's text {mask_text!r} (...{where!r}...), which this "
+                f"tokenizer encodes as the mask token (id {self.mask_token_id}) even as plain text: the model would "
+                "read a mask there, not the text, and answer or score something else than was asked. Remove or "
+                "replace that text in the task's documents."
+            )
+        return plain
+
+    def _encode_piece(self, text: str, as_text: bool = False, first: bool = False) -> list[int]:
+        def encode(piece):
+            return self.tokenizer.encode(piece, add_special_tokens=False, split_special_tokens=as_text)
+
+        if first:
+            return encode(text)
+        newline = encode("\n")
+        ids = encode("\n" + text)
+        return ids[len(newline):] if ids[: len(newline)] == newline else encode(text)
 
     def tok_decode(self, tokens: list[int]) -> str:
         return self.tokenizer.decode(tokens, skip_special_tokens=False)
@@ -296,26 +386,15 @@ class DiffusionMoeLM(TemplateLM):
     def _score_rows(self, rows) -> tuple[list[float], list[bool]]:
         """One forward over rows ((context, continuation), masked continuation offsets), left-padded.
         Returns each row's sum of log p(target) over its masked tokens and whether all were argmax."""
-        width = max(len(c) + len(x) for (c, x), _ in rows)
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eot_token_id
-        ids = torch.full((len(rows), width), pad, dtype=torch.long)
-        padding = torch.zeros(len(rows), width, dtype=torch.bool)
-        targets = torch.zeros(len(rows), width, dtype=torch.long)
-        scored = torch.zeros(len(rows), width, dtype=torch.bool)
-        for b, ((context, continuation), masked) in enumerate(rows):
-            sequence = torch.tensor(context + continuation, dtype=torch.long)
-            start = width - len(sequence)
-            ids[b, start:] = sequence
-            padding[b, start:] = True
-            positions = start + len(context) + masked
-            targets[b, positions] = ids[b, positions]
-            ids[b, positions] = self.mask_token_id
-            scored[b, positions] = True
-        ids, scored, targets = ids.to(self.device), scored.to(self.device), targets.to(self.device)
-        attention_mask = None if padding.all() else padding.to(self.device)
-        hidden = self.model.base_model(input_ids=ids, attention_mask=attention_mask).last_hidden_state
-        row_of = torch.arange(len(rows), device=self.device).unsqueeze(1).expand_as(ids)[scored]
-        hidden, targets = hidden[scored], targets[scored]
+        ids, attention_mask = self._left_pad([context + continuation for (context, continuation), _ in rows])
+        width = ids.shape[1]
+        row_of = torch.cat([torch.full((len(masked),), b, dtype=torch.long) for b, (_, masked) in enumerate(rows)])
+        column = torch.cat([width - len(continuation) + masked for (_, continuation), masked in rows])
+        targets = ids[row_of, column].to(self.device)
+        ids[row_of, column] = self.mask_token_id
+        attention_mask = None if attention_mask.all() else attention_mask.to(self.device)
+        hidden = self.model.base_model(input_ids=ids.to(self.device), attention_mask=attention_mask).last_hidden_state
+        hidden = hidden[row_of.to(self.device), column.to(self.device)]
         head = self.model.get_output_embeddings()
         logprob, hit = [], []
         step = max(1, _CHUNK_BYTES // (4 * self.model.config.vocab_size))
@@ -325,12 +404,17 @@ class DiffusionMoeLM(TemplateLM):
             logprob.append(F.log_softmax(logits, dim=-1).gather(-1, targets[s : s + step, None])[:, 0].cpu())
             logits[:, self.mask_token_id] = float("-inf")  # never a prediction (as in generate())
             hit.append((logits.argmax(-1) == targets[s : s + step]).cpu())
-        row_of = row_of.cpu()
         logprob = torch.cat(logprob).double() if logprob else torch.zeros(0, dtype=torch.float64)
         hit = torch.cat(hit) if hit else torch.zeros(0, dtype=torch.bool)
         sums = torch.zeros(len(rows), dtype=torch.float64).index_add_(0, row_of, logprob)
         misses = torch.zeros(len(rows), dtype=torch.long).index_add_(0, row_of, (~hit).long())
         return sums.tolist(), (misses == 0).tolist()
+
+    def _left_pad(self, sequences: list[list[int]]) -> tuple[torch.Tensor, torch.Tensor]:
+        """Token lists left-padded by the tokenizer: ids [B, T] and the attention mask, on the CPU."""
+        batch = self.tokenizer.pad({"input_ids": sequences}, padding_side="left", return_attention_mask=True,
+                                   return_tensors="pt")
+        return batch["input_ids"], batch["attention_mask"]
 
     def _request_seed(self, context: list[int], continuation: list[int]) -> int:
         digest = hashlib.blake2b(digest_size=8)
@@ -375,26 +459,28 @@ class DiffusionMoeLM(TemplateLM):
     def generate_texts(self, contexts: list[str], gen_kwargs: dict) -> list[str]:
         """Answers to `contexts` under one request's lm_eval `gen_kwargs` (one batched generate() call)."""
         settings = normalize_gen_kwargs({**self.generation_defaults, **gen_kwargs}, self.max_gen_toks)
-        until = [stop for stop in settings.pop("until") if isinstance(stop, str) and stop]
+        misplaced = sorted(f"{name} ({why})" for name, why in _NOT_IN_GEN_KWARGS.items() if name in settings)
+        if misplaced:
+            raise ValueError(f"{MODEL_NAME}: generation kwargs the adapter sets itself: {misplaced}.")
+        until = settings.pop("until")
+        if not all(isinstance(stop, str) for stop in until):
+            raise ValueError(f"{MODEL_NAME}: `until` must be strings (stop sequences); got {until!r}.")
+        until = [stop for stop in until if stop]  # lm_eval ignores empty stop sequences
         max_new_tokens = settings.pop("max_gen_toks")
         cut_at = handle_stop_sequences(list(until), eos=self.tok_decode([self.eot_token_id]))
         room = self.max_length - max_new_tokens
         encoded = [self.tok_encode(context) for context in contexts]
         if room > 0 and any(len(tokens) > room for tokens in encoded):
             logger.warning(f"{MODEL_NAME}: prompts longer than max_length - max_gen_toks = {room} are cut on the left.")
-            encoded = [tokens[-room:] for tokens in encoded]
-        if any(len(tokens) == 0 for tokens in encoded):  # generate() needs a prompt token
-            encoded = [tokens or [self.prefix_token_id] for tokens in encoded]
-        width = max(map(len, encoded))
-        pad = self.tokenizer.pad_token_id if self.tokenizer.pad_token_id is not None else self.eot_token_id
-        input_ids = torch.full((len(encoded), width), pad, dtype=torch.long)
-        attention_mask = torch.zeros(len(encoded), width, dtype=torch.long)
-        for b, tokens in enumerate(encoded):
-            input_ids[b, width - len(tokens):] = torch.tensor(tokens, dtype=torch.long)
-            attention_mask[b, width - len(tokens):] = 1
+            encoded = [truncate_tokens(tokens, room, side="left") for tokens in encoded]
+        encoded = [tokens or [self.prefix_token_id] for tokens in encoded]  # generate() needs a prompt token
+        input_ids, attention_mask = self._left_pad(encoded)
+        width = input_ids.shape[1]
+        criteria = StoppingCriteriaList([_AnswerStopCriteria(until, self.tok_decode, width, self.mask_token_id)]
+                                        if until else [])
         output = self.model.generate(
-            input_ids.to(self.device), attention_mask=attention_mask.to(self.device), tokenizer=self.tokenizer,
-            stop_strings=until or None, max_new_tokens=max_new_tokens, return_dict_in_generate=True, **settings,
+            input_ids.to(self.device), attention_mask=attention_mask.to(self.device), stopping_criteria=criteria,
+            max_new_tokens=max_new_tokens, return_dict_in_generate=True, **settings,
         )
         answer_pad = _answer_pad_id(self.model.generation_config, settings, self.mask_token_id)
         answers, lengths = [], []
@@ -452,6 +538,26 @@ def run_lm_eval_cli(argv: list[str] | None = None, prog: str = "diffusion-moe ev
 
 
 # --------------------------------------------------------------------- helpers
+class _AnswerStopCriteria(StoppingCriteria):
+    """Per row, whether the decoded answer contains one of `stops`: the answer is what follows
+    the (left-padded) prompt width, up to its first undecided (mask) position; the prompt is
+    never looked at, as in lm_eval's `MultiTokenEOSCriteria`. generate() checks it after every
+    block, on the answer decided so far. Only decoding is needed, so any tokenizer works."""
+
+    def __init__(self, stops: list[str], decode, prompt_width: int, mask_token_id: int):
+        self.stops, self.decode = list(stops), decode
+        self.prompt_width, self.mask_token_id = prompt_width, mask_token_id
+
+    def __call__(self, input_ids: torch.LongTensor, scores, **kwargs) -> torch.BoolTensor:
+        hits = []
+        for row in input_ids[:, self.prompt_width:].tolist():
+            if self.mask_token_id in row:
+                row = row[: row.index(self.mask_token_id)]
+            text = self.decode(row)
+            hits.append(any(stop in text for stop in self.stops))
+        return torch.tensor(hits, dtype=torch.bool, device=input_ids.device)
+
+
 def _empty_stats() -> dict:
     return {"requests": 0, "generate_calls": 0, "denoising_forwards": 0, "generated_tokens": 0,
             "tokens_per_forward": 0.0, "tokens_per_batch_forward": 0.0}
@@ -487,11 +593,18 @@ def _device(device) -> torch.device:
 
 
 def _dtype(dtype):
-    if isinstance(dtype, torch.dtype) or dtype == "auto":
-        return dtype
-    if str(dtype) not in _DTYPES:
-        raise ValueError(f"{MODEL_NAME}: `dtype` must be 'auto' or one of {sorted(_DTYPES)}; got {dtype!r}.")
-    return _DTYPES[str(dtype)]
+    """lm_eval's `hf` reading of `dtype` (`get_dtype`: "auto" or a torch attribute's name), floating only."""
+    resolved = None
+    if isinstance(dtype, torch.dtype):
+        resolved = dtype
+    elif isinstance(dtype, str) and (dtype == "auto" or isinstance(getattr(torch, dtype, None), torch.dtype)):
+        resolved = get_dtype(dtype)
+    if resolved == "auto" or (isinstance(resolved, torch.dtype) and resolved.is_floating_point):
+        return resolved
+    raise ValueError(
+        f"{MODEL_NAME}: `dtype` must be 'auto' or a floating torch dtype's name (float32, bfloat16, float16, "
+        f"float64, half, ...); got {dtype!r}."
+    )
 
 
 def _batch_size(batch_size, max_batch_size) -> int:
@@ -500,38 +613,31 @@ def _batch_size(batch_size, max_batch_size) -> int:
             f"{MODEL_NAME}: batch_size={batch_size!r} is not supported (no automatic batch size search); pass a "
             "number, e.g. --batch_size 8."
         )
-    size = _positive_int(batch_size, "batch_size")
+    size = _int(batch_size, "batch_size", minimum=1)
     if max_batch_size is not None:
-        size = min(size, _positive_int(max_batch_size, "max_batch_size"))
+        size = min(size, _int(max_batch_size, "max_batch_size", minimum=1))
     return size
 
 
-def _int(value, name: str) -> int:
-    if isinstance(value, bool):
-        raise ValueError(f"{MODEL_NAME}: `{name}` must be an integer; got {value!r}.")
-    if isinstance(value, int):
-        return value
-    if isinstance(value, str) and value.strip().lstrip("-").isdigit():
-        return int(value)
-    if isinstance(value, float) and value.is_integer():
-        return int(value)
-    raise ValueError(f"{MODEL_NAME}: `{name}` must be an integer; got {value!r}.")
+def _parsed(value):
+    """A string argument read the way lm_eval reads --model_args values (`handle_arg_string`)."""
+    return handle_arg_string(value) if isinstance(value, str) else value
 
 
-def _positive_int(value, name: str) -> int:
-    number = _int(value, name)
-    if number < 1:
-        raise ValueError(f"{MODEL_NAME}: `{name}` must be a positive integer; got {value!r}.")
+def _int(value, name: str, minimum: int | None = None) -> int:
+    number = _parsed(value)
+    if isinstance(number, float) and number.is_integer():
+        number = int(number)
+    if isinstance(number, bool) or not isinstance(number, int) or (minimum is not None and number < minimum):
+        kind = "an integer" if minimum is None else f"an integer >= {minimum}"
+        raise ValueError(f"{MODEL_NAME}: `{name}` must be {kind}; got {value!r}.")
     return number
 
 
 def _bool(value, name: str) -> bool:
-    if isinstance(value, bool):
-        return value
-    if isinstance(value, str) and value.lower() in ("true", "false", "1", "0"):
-        return value.lower() in ("true", "1")
-    if isinstance(value, int) and value in (0, 1):
-        return bool(value)
+    flag = _parsed(value)
+    if isinstance(flag, int) and flag in (0, 1):  # True, False, 0, 1, "true", "False", "1"...
+        return bool(flag)
     raise ValueError(f"{MODEL_NAME}: `{name}` must be true or false; got {value!r}.")
 
 

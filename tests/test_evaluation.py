@@ -1,8 +1,9 @@
 """lm-evaluation-harness adapter (`diffusion_moe.evaluation`): the registered `diffusion_moe`
 model run by `lm_eval.simple_evaluate` on tiny local tasks, generation against the library's
 own generate(), the Monte Carlo ELBO against exact log-probabilities, rolling windows,
-argument checks and the `diffusion-moe eval` command line. Offline: a tiny model and BPE
-tokenizer are built here, tasks read JSON files written to tmp."""
+argument checks and the `diffusion-moe eval` command line; stop sequences and the mask token's
+text with the BPE tokenizer and with a word-level one. Offline: tiny models and tokenizers are
+built here, tasks read JSON files written to tmp."""
 
 import json
 import math
@@ -62,6 +63,37 @@ def checkpoints(tokenizer, tmp_path_factory):
         tokenizer.save_pretrained(folder)
         folders[layout] = str(folder)
     return folders
+
+
+WORDS = "the sky is blue green red grass roses are and one two plus four . , Q A :".split()
+
+
+@pytest.fixture(scope="module")
+def word_level_checkpoint(tmp_path_factory):
+    """A tiny model with a word-level tokenizer (whitespace-split words, decoded joined by spaces)
+    that has no pad token: a vocabulary Transformers' StopStringCriteria cannot index."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    vocab = {word: i for i, word in enumerate(["<eos>", "<mask>", "<unk>", *WORDS])}
+    backend = Tokenizer(models.WordLevel(vocab, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, eos_token="<eos>", mask_token="<mask>",
+                                        unk_token="<unk>")
+    torch.manual_seed(2)  # a seed whose untrained model answers several different words
+    config = DiffusionMoeConfig(
+        vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
+        num_key_value_heads=2, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=16,
+        mask_token_id=tokenizer.mask_token_id, eos_token_id=tokenizer.eos_token_id, pad_token_id=None,
+        attention_layout="block_causal", block_size=4, max_position_embeddings=128,
+    )
+    model = DiffusionMoeForMaskedLM(config).eval()
+    with torch.no_grad():
+        model.lm_head.weight.mul_(8.0)
+    folder = tmp_path_factory.mktemp("word_level")
+    model.save_pretrained(folder)
+    tokenizer.save_pretrained(folder)
+    return str(folder)
 
 
 @pytest.fixture(scope="module")
@@ -278,6 +310,72 @@ def test_generate_until_rejects_unknown_generation_settings(checkpoints):
     lm = DiffusionMoeLM(pretrained=checkpoints["bidirectional"])
     with pytest.raises(ValueError, match="num_beams"):
         lm.generate_until([gen_request("The sky is", {"until": ["\n"], "max_gen_toks": 4, "num_beams": 2})])
+    # settings the adapter sets itself: num_return_sequences would hand one prompt's samples to the next
+    for name, value in (("num_return_sequences", 2), ("stop_strings", ["\n"]), ("max_length", 64)):
+        with pytest.raises(ValueError, match=f"adapter sets itself.*{name}"):
+            lm.generate_until([gen_request("The sky is", {"until": ["\n"], "max_gen_toks": 4, name: value})])
+    with pytest.raises(ValueError, match="`until` must be strings"):  # was silently dropped: no stop at all
+        lm.generate_until([gen_request("The sky is", {"until": ["\n", 7], "max_gen_toks": 4})])
+
+
+def first_stop_in(lm, answer, limit):
+    """(stop, text before it): the text of answer token p, 1 <= p < limit, for the first p whose
+    text occurs there first (so the decoded answer is cut right before it)."""
+    for p in range(1, limit):
+        prefix = lm.tok_decode(answer[:p])
+        piece = lm.tok_decode(answer[: p + 1])[len(prefix):]  # token p's text, as decoding joins it
+        if piece.strip() and (prefix + piece).find(piece) == len(prefix):
+            return piece, prefix
+    return None
+
+
+def test_generate_until_stops_at_the_stop_sequence_with_a_word_level_tokenizer(word_level_checkpoint):
+    """Transformers' StopStringCriteria cannot index a word-level vocabulary (`ValueError: substring not
+    found`); the adapter cuts the decoded answers at the stop sequence and still stops decoding early."""
+    lm = DiffusionMoeLM(pretrained=word_level_checkpoint, batch_size=2)
+    eos = lm.tokenizer.eos_token_id
+    settings = dict(max_new_tokens=12, block_length=4, steps=4, suppress_tokens=[eos])
+    contexts = ["the sky is", "roses are red and"]
+    free = []
+    for context in contexts:
+        ids = torch.tensor([lm.tok_encode(context)])
+        out = lm.model.generate(ids, return_dict_in_generate=True, **settings)
+        free.append((out.sequences[0, ids.shape[1]:].tolist(), out.num_forward_passes))
+    found = first_stop_in(lm, free[0][0], 8)  # completed before the last block: decoding ends early
+    assert found, "the tiny model's answer leaves no stop sequence to test with"
+    stop, prefix = found
+    gen_kwargs = {"until": [stop], "max_gen_toks": 12, "do_sample": False, "block_length": 4, "steps": 4,
+                  "suppress_tokens": [eos]}
+    texts = lm.generate_until([gen_request(c, gen_kwargs, i) for i, c in enumerate(contexts)])
+    assert texts[0] == prefix != "" and stop not in texts[0]
+    assert texts[1] == lm.tok_decode(free[1][0]).split(stop)[0]  # each answer is cut at its own stop
+    before = lm.generation_stats["denoising_forwards"]
+    lm.generate_until([gen_request(contexts[0], gen_kwargs)])
+    assert lm.generation_stats["denoising_forwards"] - before < free[0][1]
+    assert lm.tokenizer.pad_token_id == eos  # it had none: the prompts were padded with EOS
+
+
+@pytest.mark.parametrize("layout", LAYOUTS)
+def test_a_stop_sequence_that_starts_in_the_prompt_does_not_end_the_answer(checkpoints, layout):
+    """lm_eval looks for stop sequences in the answer only. Matched against prompt + answer (as
+    Transformers' stop_strings does), a stop made of the prompt's last character and the answer's
+    first token (a chat prompt ending in "\n", until ["\n\n"], an answer starting with "\n")
+    would end the answer after one token."""
+    lm = DiffusionMoeLM(pretrained=checkpoints[layout], batch_size=4)
+    eos = lm.tokenizer.eos_token_id
+    settings = dict(max_new_tokens=8, block_length=4, steps=2, suppress_tokens=[eos])
+    checked = 0
+    for context in ["Q: 2+2=\nA:\n", "The sky is", "One plus one is two. Two plus", "Roses are red,"]:
+        free_text, free = library_answer(lm, context, None, **settings)
+        first = lm.tok_decode(free.sequences[0, -8:].tolist()[:1])
+        stop = context[-1] + first
+        if not first.strip() or stop in free_text:
+            continue
+        gen_kwargs = {"until": [stop], "max_gen_toks": 8, "do_sample": False, "block_length": 4, "steps": 2,
+                      "suppress_tokens": [eos]}
+        assert lm.generate_until([gen_request(context, gen_kwargs)]) == [free_text] and len(free_text) > len(first)
+        checked += 1
+    assert checked >= 2
 
 
 # ---------------------------------------------------------------- loglikelihood
@@ -359,6 +457,66 @@ def test_rolling_loglikelihood_sums_the_elbo_of_windows_within_max_length(checkp
     assert sum(len(c) for _, c in windows) == len(tokens) and windows[0][0] == [lm.prefix_token_id]
     assert total == pytest.approx(sum(score for score, _ in lm.elbo(windows, check_greedy=False)), abs=1e-6)
     assert lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, ("",), 0)]) == [0.0]
+
+
+# ---------------------------------------------------------------- the mask token's text
+def plain_ids(lm, text):
+    """`text` encoded with the mask token's text as ordinary text (no other special token in it)."""
+    return lm.tokenizer.encode(text, add_special_tokens=False, split_special_tokens=True)
+
+
+def test_the_mask_tokens_text_is_ordinary_text_in_every_request_type(checkpoints):
+    """Text never becomes the mask token: "<|mask|>" in a context, a continuation, a rolling text or a
+    prompt is encoded as the characters it is made of, and each request type scores / answers exactly
+    what it does for those token ids. (Before: loglikelihood let the model see a mask there, and
+    generate_until failed in generate(): "The prompt contains the mask token".)"""
+    lm = DiffusionMoeLM(pretrained=checkpoints["bidirectional"], mc_num=4, batch_size=8)
+    mask = lm.tokenizer.mask_token
+    context, continuation = f"The sky is {mask}", " blue."
+    ids = lm.tok_encode(context)
+    assert lm.mask_token_id not in ids and ids == plain_ids(lm, context) and lm.tok_decode(ids) == context
+    whole = plain_ids(lm, context + continuation)
+    expected = lm.elbo([(whole[: len(ids)], whole[len(ids):])])
+    assert lm.loglikelihood([ll_request(context, continuation)]) == expected  # same tokens, same noise
+    as_mask = lm.tokenizer.encode(context, add_special_tokens=False)
+    assert lm.mask_token_id in as_mask  # what the model was shown before: a different input, another score
+    assert lm.elbo([(as_mask, whole[len(ids):])])[0][0] != pytest.approx(expected[0][0], abs=1e-3)
+    # in a continuation
+    cont_ids = plain_ids(lm, "The sky is" + f" {mask}")[len(lm.tok_encode("The sky is")):]
+    (score, _), = lm.loglikelihood([ll_request("The sky is", f" {mask}")])
+    assert score == pytest.approx(lm.elbo([(lm.tok_encode("The sky is"), cont_ids)])[0][0], abs=1e-9)
+    # rolling
+    text = f"Roses are red. {mask} The sky is blue."
+    windows = [make_disjoint_window(w) for w in get_rolling_token_windows(plain_ids(lm, text), lm.prefix_token_id,
+                                                                         lm.max_length - 1, 1)]
+    (total,) = lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, (text,), 0)])
+    assert total == pytest.approx(sum(s for s, _ in lm.elbo(windows, check_greedy=False)), abs=1e-9)
+    # generation: the prompt's ids are the plain ones
+    prompt = f"Q: {mask}+2=\nA:"
+    settings = dict(max_new_tokens=8, block_length=4, steps=2)
+    out = lm.model.generate(torch.tensor([plain_ids(lm, prompt)]), return_dict_in_generate=True, **settings)
+    answer = [t for t in out.sequences[0, len(plain_ids(lm, prompt)):].tolist() if t != lm.tokenizer.pad_token_id]
+    expected_text = lm.tok_decode(answer).split(lm.tokenizer.eos_token)[0]
+    gen_kwargs = {"until": [], "max_gen_toks": 8, "do_sample": False, "block_length": 4, "steps": 2}
+    assert lm.generate_until([gen_request(prompt, gen_kwargs)]) == [expected_text]
+
+
+def test_a_tokenizer_that_reads_the_mask_tokens_text_as_the_mask_token_is_an_error_everywhere(word_level_checkpoint):
+    """A word-level vocabulary maps the word "<mask>" to the mask id even as plain text: every request
+    type refuses the text rather than show the model a mask."""
+    lm = DiffusionMoeLM(pretrained=word_level_checkpoint, mc_num=2)
+    message = r"mask token's text '<mask>' .*encodes as the mask token \(id 1\) even as plain text"
+    requests = {
+        "loglikelihood context": lambda: lm.loglikelihood([ll_request("the sky <mask> is", " blue")]),
+        "loglikelihood continuation": lambda: lm.loglikelihood([ll_request("the sky is", " <mask>")]),
+        "rolling": lambda: lm.loglikelihood_rolling([Instance("loglikelihood_rolling", {}, ("the <mask> sky",), 0)]),
+        "generate_until": lambda: lm.generate_until([gen_request("the sky <mask> is", {"until": ["."],
+                                                                                       "max_gen_toks": 4})]),
+    }
+    for name, request in requests.items():
+        with pytest.raises(ValueError, match=message):
+            request()
+    assert lm.tok_encode("the sky is blue") == [3, 4, 5, 6]  # other text is unaffected
 
 
 # ---------------------------------------------------------------- arguments
