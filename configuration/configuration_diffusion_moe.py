@@ -1,20 +1,66 @@
 """Configuration of a mixture-of-experts masked-diffusion language model.
 
 Every value is checked when the config is built, so a bad field fails here, with the
-field's name and the allowed values, instead of deep inside a forward pass.
+field's name, the value and the allowed values, instead of deep inside a forward pass
+(or, worse, giving a silently different model):
+
+- Types are strict (`FIELD_TYPES`): a bool field takes only `True`/`False` (not `"no"`,
+  which is truthy, nor 0/1), an int field only an int (not a bool, not `4.0`), a number
+  field an int or a finite float, an enum one of its strings, `hidden_act` one of
+  `transformers.activations.ACT2FN`'s names, token ids None or an int in [0, vocab_size).
+- Unknown keys are refused, with the closest field suggested (difflib): keyword arguments
+  (`DiffusionMoeConfig(num_expert_per_tok=4)`) and load-time overrides
+  (`AutoConfig.from_pretrained(path, num_expert_per_tok=4)`, `from_dict(d, typo=...)`). Known
+  without being fields: PreTrainedConfig's own attributes, keys Transformers and its tooling
+  write into config.json (`transformers_version`, `auto_map`, `architectures`, `dtype`,
+  `use_cache`, names starting with `_`, ...) and Transformers' loading arguments
+  (`revision`, `trust_remote_code`, `device_map`, ...). With `return_unused_kwargs=True`
+  (how `PreTrainedModel.from_pretrained` splits config overrides from model arguments) only
+  keys that look like a misspelt field are refused; the rest are returned, as Transformers
+  documents.
+- Unknown keys in a config.json: a key that looks like a misspelt field, or any unknown key in
+  a file written by a newer diffusion-moe (a field this version does not know would be
+  ignored), is an error naming the key and the file. Any other unknown key is kept as an
+  attribute, as Transformers does, with one warning naming it and the file: Transformers'
+  tooling and users store their own keys in config.json (`model.config.foo = ...` before
+  `save_pretrained`), and refusing them would make such checkpoints unloadable.
+- Derived defaults follow the fields they derive from: `head_dim`, `capacity_min`,
+  `capacity_max` and `block_router_min_experts` left unset (None) are computed when read,
+  are saved as null and so are derived again after loading, also after a load-time override
+  (`from_pretrained(path, num_experts_per_tok=4)`). A value set explicitly stays as set.
+  config.json files written before this (every field concrete) load with the same values; a
+  derived field there whose value equals what derivation gives from the same file is read as
+  derived (so an override updates it); a different value is explicit.
+
+Transformers' own validation (huggingface_hub's `@strict` dataclasses, which
+PreTrainedConfig uses in both supported releases) is not used for the fields: it raises
+`StrictDataclassFieldValidationError`, which is not a ValueError, rejects an int for a float
+field (`"rope_theta": 600000` in LLaDA2 configs) and needs dataclass fields instead of this
+config's `__init__`, whose derived defaults must survive save/load. Its hook is used: the
+`validate()` that `save_pretrained` calls runs the same checks, so a field assigned a bad
+value after construction cannot be saved.
 """
 
 import contextvars
+import dataclasses
+import difflib
+import inspect
+import json
+import functools
+import math
 
-from transformers import PretrainedConfig
+from packaging.version import InvalidVersion, Version
+from transformers import GenerationConfig, PretrainedConfig
 from transformers.utils import logging
 
-from .remote_code import VERSION_KEY, SavesRemoteCode, log_code_origin
+from .remote_code import VERSION_KEY, SavesRemoteCode, __version__, log_code_origin
 
 logger = logging.get_logger(__name__)
 
 # The checkpoint `from_pretrained` is loading (its `from_dict` logs which code builds it).
 _LOADING = contextvars.ContextVar("diffusion_moe_config_loading", default=None)
+# True while `from_dict` builds a config from a file's keys (checked there, not in `__init__`).
+_FROM_FILE = contextvars.ContextVar("diffusion_moe_config_from_file", default=False)
 
 ROUTER_TYPES = ("token_choice", "expert_choice", "block")
 ROUTER_SCORE_FUNCTIONS = ("softmax", "sigmoid")
@@ -29,6 +75,178 @@ CAPACITY_SCHEDULES = (
     "bell_gaussian",
     "bell_gaussian_reverse",
 )
+LOSS_WEIGHTINGS = ("elbo", "none")
+
+# Fields whose default is derived from other fields (None = derived, computed when read).
+DERIVED_FIELDS = ("head_dim", "capacity_min", "capacity_max", "block_router_min_experts")
+
+# field -> kind. "int>0": a positive int; "int>=0"; "num>0" / "num>=0": an int or a finite
+# float; "unit": a number in [0, 1]; "bool"; "id": None or a token id in [0, vocab_size);
+# "?int>0": None or a positive int; "?num>0": None or a number > 0; a tuple: one of its values.
+# `hidden_act` (ACT2FN's names), `partial_rotary_factor`, `block_router_top_p`,
+# `eos_token_id` (also a list of ids) and the cross-field rules are checked in `_check_values`.
+FIELD_TYPES = {
+    "vocab_size": "int>0",
+    "hidden_size": "int>0",
+    "intermediate_size": "int>0",
+    "num_hidden_layers": "int>0",
+    "num_attention_heads": "int>0",
+    "num_key_value_heads": "int>0",
+    "max_position_embeddings": "int>0",
+    "block_size": "int>0",
+    "num_experts": "int>0",
+    "num_experts_per_tok": "int>0",
+    "moe_intermediate_size": "int>0",
+    "block_router_size": "int>0",
+    "num_shared_experts": "int>=0",
+    "first_k_dense_replace": "int>=0",
+    "rms_norm_eps": "num>0",
+    "rope_theta": "num>0",
+    "routed_scaling_factor": "num>0",
+    "capacity_sigma": "num>0",
+    "initializer_range": "num>=0",
+    "router_aux_loss_coef": "num>=0",
+    "router_z_loss_coef": "num>=0",
+    "expert_bias_update_rate": "num>=0",
+    "attention_dropout": "unit",
+    "use_qk_norm": "bool",
+    "norm_topk_prob": "bool",
+    "tie_word_embeddings": "bool",
+    "router_type": ROUTER_TYPES,
+    "router_score_function": ROUTER_SCORE_FUNCTIONS,
+    "attention_layout": ATTENTION_LAYOUTS,
+    "capacity_schedule": CAPACITY_SCHEDULES,
+    "loss_weighting": LOSS_WEIGHTINGS,
+    "n_group": "?int>0",
+    "topk_group": "?int>0",
+    "capacity_factor": "?num>0",
+    "mask_token_id": "id",
+    "pad_token_id": "id",
+    "bos_token_id": "id",
+    # derived when None; checked after the fields they derive from
+    "head_dim": "int>0",
+    "capacity_min": "int>0",
+    "capacity_max": "int>0",
+    "block_router_min_experts": "int>0",
+}
+
+_KIND_TEXT = {
+    "int>0": "a positive integer",
+    "int>=0": "an integer >= 0",
+    "num>0": "a finite number > 0",
+    "num>=0": "a finite number >= 0",
+    "unit": "a number in [0, 1]",
+    "bool": "a bool (true or false)",
+    "?int>0": "None or a positive integer",
+    "?num>0": "None or a finite number > 0",
+}
+
+# Keys of PreTrainedConfig, of Transformers' serialisation and of its tooling that a config
+# (or its config.json) may carry besides this config's fields. Most are also computed from
+# PreTrainedConfig itself (`_pretrained_config_keys`); these are the ones it cannot list:
+# `__post_init__` keyword arguments, serialisation keys, keys Trainer / Transformers set on a
+# model's config, and PretrainedConfig attributes of Transformers 4.x (LLaDA2's era).
+_TRANSFORMERS_CONFIG_KEYS = frozenset({
+    "model_type", "transformers_version", VERSION_KEY, "auto_map", "architectures", "name_or_path",
+    "dtype", "torch_dtype", "num_labels", "output_attentions", "attn_implementation", "experts_implementation",
+    "per_layer_config", "rope_scaling", "rope_parameters", "use_cache", "output_router_logits",
+    "quantization_config", "fusion_config", "distributed_config", "transformers_weights",
+    "torchscript", "use_bfloat16", "tf_legacy_loss", "pruned_heads", "is_decoder", "cross_attention_hidden_size",
+    "add_cross_attention", "tie_encoder_decoder", "finetuning_task", "task_specific_params", "tokenizer_class",
+    "prefix", "sep_token_id", "decoder_start_token_id", "gradient_checkpointing",
+})
+# Arguments of Transformers' loading functions that reach a config's `from_dict`
+# (`AutoConfig.from_pretrained`, and `PreTrainedModel.from_pretrained`, which passes its own
+# arguments on with `return_unused_kwargs=True`).
+_LOADING_KWARGS = frozenset({
+    "return_unused_kwargs", "cache_dir", "force_download", "local_files_only", "proxies", "token", "revision",
+    "subfolder", "trust_remote_code", "code_revision", "gguf_file", "adapter_kwargs", "adapter_name", "device_map",
+    "device_mesh", "generation_config", "kernel_config", "key_mapping", "max_memory", "offload_buffers",
+    "offload_folder", "offload_state_dict", "output_loading_info", "state_dict", "tp_plan", "tp_size", "tqdm_class",
+    "use_kernels", "allow_all_kernels", "variant", "use_safetensors", "weights_only", "ignore_mismatched_sizes",
+    "disable_mmap", "low_cpu_mem_usage", "use_auth_token", "resume_download", "from_tf", "from_flax", "mirror",
+    "config",
+})
+# How close (difflib ratio) an unknown key must be to a field to be taken for a misspelling of
+# it where unknown keys are otherwise tolerated (a config.json; return_unused_kwargs=True).
+_TYPO_CUTOFF = 0.85
+
+
+@functools.cache
+def _pretrained_config_keys() -> frozenset:
+    """PreTrainedConfig's own attribute names: its dataclass fields and its properties."""
+    names = set()
+    if dataclasses.is_dataclass(PretrainedConfig):
+        names = {f.name for f in dataclasses.fields(PretrainedConfig)}
+    names |= {name for name in dir(PretrainedConfig)
+              if isinstance(inspect.getattr_static(PretrainedConfig, name, None), property)}
+    return frozenset(names)
+
+
+_GENERATION_KEYS = None
+
+
+def _generation_keys() -> frozenset:
+    """GenerationConfig's settings: Transformers drops them from a model config (config.json BC)."""
+    global _GENERATION_KEYS
+    if _GENERATION_KEYS is None:
+        _GENERATION_KEYS = frozenset(GenerationConfig().to_dict())
+    return _GENERATION_KEYS
+
+
+def _is_int(x):
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x):
+    return isinstance(x, (int, float)) and not isinstance(x, bool) and (isinstance(x, int) or math.isfinite(x))
+
+
+def _derive(name, get):
+    """The derived default of `name`, from `get(field)` (the stored values; None for derived
+    fields). None when the fields it derives from are invalid (they are reported first)."""
+    if name == "head_dim":
+        hidden, heads = get("hidden_size"), get("num_attention_heads")
+        return hidden // heads if _is_int(hidden) and _is_int(heads) and heads > 0 else None
+    k, experts = get("num_experts_per_tok"), get("num_experts")
+    if not (_is_int(k) and _is_int(experts)):
+        return None
+    if name == "capacity_min":
+        return max(1, k // 2)
+    if name == "capacity_max":
+        low = get("capacity_min")
+        low = max(1, k // 2) if low is None else low
+        return min(2 * k - low, experts) if _is_int(low) else None
+    if name == "block_router_min_experts":
+        return max(k, min(16, experts))
+    raise KeyError(name)
+
+
+def _derived_property(name):
+    def read(self):
+        value = self.__dict__.get(name)
+        if value is not None:
+            return value
+        stored = self.__dict__
+        return _derive(name, lambda field: stored.get(field) if field in DERIVED_FIELDS else getattr(self, field, None))
+
+    def write(self, value):
+        self.__dict__[name] = value
+
+    return property(read, write, doc=f"`{name}`: set explicitly, or (stored as None) derived when read.")
+
+
+@functools.cache
+def _init_fields(cls) -> frozenset:
+    return frozenset(
+        name for name, p in inspect.signature(cls.__init__).parameters.items()
+        if name != "self" and p.kind is not inspect.Parameter.VAR_KEYWORD
+    )
+
+
+def _closest(key, candidates, cutoff=0.6):
+    match = difflib.get_close_matches(key, sorted(candidates), n=1, cutoff=cutoff)
+    return match[0] if match else None
 
 
 class DiffusionMoeConfig(SavesRemoteCode, PretrainedConfig):
@@ -58,10 +276,18 @@ class DiffusionMoeConfig(SavesRemoteCode, PretrainedConfig):
             `block_router_min_experts` defaults to max(k, min(16, num_experts)).
         expert_bias_update_rate: step of the auxiliary-loss-free bias update (0 = off); the
             `expert_bias` buffer exists for every router so checkpoints stay swappable.
+    Derived defaults (`DERIVED_FIELDS`: head_dim = hidden_size // num_attention_heads and the
+    three above) are computed when read while left None, so they follow later changes of the
+    fields they derive from (also load-time overrides); see the module docstring.
     """
 
     model_type = "diffusion_moe"
     keys_to_ignore_at_inference = ["cache", "past_key_values"]
+
+    head_dim = _derived_property("head_dim")
+    capacity_min = _derived_property("capacity_min")
+    capacity_max = _derived_property("capacity_max")
+    block_router_min_experts = _derived_property("block_router_min_experts")
 
     def __init__(
         self,
@@ -112,13 +338,16 @@ class DiffusionMoeConfig(SavesRemoteCode, PretrainedConfig):
         eos_token_id=None,
         **kwargs,
     ):
+        if not _FROM_FILE.get():
+            type(self)._reject_unknown_keys(kwargs, "keyword argument")
+        self._reject_unsupported_transformers_settings(kwargs, rope_theta)
         self.vocab_size = vocab_size
         self.hidden_size = hidden_size
         self.intermediate_size = intermediate_size
         self.num_hidden_layers = num_hidden_layers
         self.num_attention_heads = num_attention_heads
         self.num_key_value_heads = num_key_value_heads
-        self.head_dim = head_dim if head_dim is not None else _div_or_none(hidden_size, num_attention_heads)
+        self.head_dim = head_dim
         self.hidden_act = hidden_act
         self.rms_norm_eps = rms_norm_eps
         self.rope_theta = rope_theta
@@ -146,17 +375,11 @@ class DiffusionMoeConfig(SavesRemoteCode, PretrainedConfig):
         self.router_z_loss_coef = router_z_loss_coef
         self.expert_bias_update_rate = expert_bias_update_rate
         self.capacity_schedule = capacity_schedule
-        k = num_experts_per_tok if isinstance(num_experts_per_tok, int) else 1
-        self.capacity_min = capacity_min if capacity_min is not None else max(1, k // 2)
-        if capacity_max is None:
-            capacity_max = 2 * k - self.capacity_min
-            capacity_max = min(capacity_max, num_experts) if isinstance(num_experts, int) else capacity_max
+        self.capacity_min = capacity_min
         self.capacity_max = capacity_max
         self.capacity_sigma = capacity_sigma
         self.block_router_size = block_router_size
         self.block_router_top_p = block_router_top_p
-        if block_router_min_experts is None and isinstance(num_experts, int):
-            block_router_min_experts = max(k, min(16, num_experts))
         self.block_router_min_experts = block_router_min_experts
         self.loss_weighting = loss_weighting
         super().__init__(
@@ -168,6 +391,68 @@ class DiffusionMoeConfig(SavesRemoteCode, PretrainedConfig):
         )
         self.check()
 
+    # ------------------------------------------------------------------ known keys
+
+    @classmethod
+    def config_fields(cls) -> frozenset:
+        """The names of this config's own fields (its `__init__` parameters)."""
+        return _init_fields(cls)
+
+    @classmethod
+    def _known_keys(cls) -> frozenset:
+        """Keys a config may carry: its fields, PreTrainedConfig's attributes and the keys
+        Transformers and its tooling write (names starting with `_` are Transformers' too)."""
+        return cls.config_fields() | _pretrained_config_keys() | _TRANSFORMERS_CONFIG_KEYS
+
+    @classmethod
+    def _unknown_key_message(cls, key, where) -> str:
+        close = _closest(key, cls.config_fields())
+        hint = f"; did you mean `{close}`?" if close else (
+            f": not a field of {cls.__name__}, an attribute of PreTrainedConfig or an argument of Transformers' "
+            "loading functions")
+        if key in _generation_keys():
+            hint = (": it is a generation setting, which Transformers drops from a model config; pass it to "
+                    "`generate()` or a DiffusionGenerationConfig instead")
+            hint += f" (or did you mean `{close}`?)" if close else ""
+        return f"{cls.__name__}: unknown {where} `{key}`{hint}"
+
+    @classmethod
+    def _reject_unknown_keys(cls, keys, where, allowed=frozenset()):
+        known = cls._known_keys() | allowed
+        for key in keys:
+            if not key.startswith("_") and key not in known:
+                raise ValueError(cls._unknown_key_message(key, where))
+
+    @classmethod
+    def _looks_misspelt(cls, key, allowed=frozenset()):
+        """The field `key` looks like a misspelling of, if it is not a known key itself."""
+        if key.startswith("_") or key in cls._known_keys() or key in allowed or key in _generation_keys():
+            return None
+        return _closest(key, cls.config_fields(), cutoff=_TYPO_CUTOFF)
+
+    def _reject_unsupported_transformers_settings(self, kwargs, rope_theta):
+        """PreTrainedConfig settings this model would ignore: refused instead of dropped."""
+        name = type(self).__name__
+        if kwargs.get("per_layer_config") is not None:
+            raise ValueError(
+                f"{name}: `per_layer_config` must be None; got {kwargs['per_layer_config']!r}. Every layer of a "
+                "diffusion-moe model has the same shape and routing (use `first_k_dense_replace` for dense layers)."
+            )
+        for key in ("rope_scaling", "rope_parameters"):
+            value = kwargs.pop(key, None)
+            if value is None:
+                continue
+            default = (isinstance(value, dict) and value.get("rope_type", value.get("type")) == "default"
+                       and set(value) <= {"rope_type", "type", "rope_theta"}
+                       and value.get("rope_theta", rope_theta) == rope_theta)
+            if not default:
+                raise ValueError(
+                    f"{name}: `{key}` must be None (plain RoPE with `rope_theta`; scaled RoPE is not supported) or "
+                    f"{{'rope_type': 'default'}}; got {value!r}."
+                )
+
+    # ------------------------------------------------------------------ loading
+
     @classmethod
     def from_pretrained(cls, pretrained_model_name_or_path, *args, **kwargs):
         token = _LOADING.set(str(pretrained_model_name_or_path))
@@ -177,48 +462,129 @@ class DiffusionMoeConfig(SavesRemoteCode, PretrainedConfig):
             _LOADING.reset(token)
 
     @classmethod
+    def from_json_file(cls, json_file):
+        """As Transformers', with a file's checks (unknown keys, derived fields; see `from_dict`)."""
+        with open(json_file, encoding="utf-8") as f:
+            config_dict = json.load(f)
+        return cls._build_from_file_dict(config_dict, {}, f"{json_file}")
+
+    @classmethod
     def from_dict(cls, config_dict, **kwargs):
         """Also validates overrides, e.g. `from_pretrained(path, router_type="expert_choice")`,
-        which Transformers applies after construction. Loading a checkpoint logs, once, which
+        which Transformers applies after construction, and refuses unknown override keys and
+        misspelt keys in the file (module docstring). Loading a checkpoint logs, once, which
         code builds it (the installed package's or the checkpoint's own) and the version of the
         checkpoint's code (`diffusion_moe_version` in its config.json)."""
         source = kwargs.get("name_or_path") or _LOADING.get()
-        recorded = config_dict.get(VERSION_KEY)
-        result = super().from_dict(config_dict, **kwargs)
+        where = f"config.json of {source}" if source else "the config dict"
+        result = cls._build_from_file_dict(config_dict, kwargs, where)
+        if source:
+            log_code_origin(source, config_dict.get(VERSION_KEY))
+        return result
+
+    @classmethod
+    def _build_from_file_dict(cls, config_dict, kwargs, where):
+        if kwargs.get("return_unused_kwargs"):
+            for key in kwargs:
+                close = cls._looks_misspelt(key, _LOADING_KWARGS)
+                if close:
+                    raise ValueError(f"{cls.__name__}: unknown override `{key}`; did you mean `{close}`?")
+        else:
+            cls._reject_unknown_keys(kwargs, "override", _LOADING_KWARGS)
+        config_dict = cls._check_file_keys(dict(config_dict), where)
+        token = _FROM_FILE.set(True)
+        try:
+            result = super().from_dict(config_dict, **kwargs)
+        finally:
+            _FROM_FILE.reset(token)
         config = result[0] if isinstance(result, tuple) else result
         config.check()
-        if source:
-            log_code_origin(source, recorded)
         return result
+
+    @classmethod
+    def _check_file_keys(cls, config_dict, where) -> dict:
+        """Refuse misspelt keys (and unknown keys written by a newer diffusion-moe), warn about
+        other unknown keys, and read a legacy file's derived values as derived."""
+        recorded = config_dict.get(VERSION_KEY)
+        try:
+            newer = recorded is not None and Version(str(recorded)) > Version(__version__)
+        except InvalidVersion:
+            newer = False
+        unknown = []
+        for key in config_dict:
+            if key.startswith("_") or key in cls._known_keys() or key in _generation_keys():
+                continue
+            close = _closest(key, cls.config_fields(), cutoff=_TYPO_CUTOFF)
+            if close:
+                raise ValueError(
+                    f"{cls.__name__}: {where} has an unknown key `{key}`; did you mean `{close}`? Fix the file "
+                    "(loaded as it is, the setting would have no effect)."
+                )
+            if newer:
+                raise ValueError(
+                    f"{cls.__name__}: {where} has the key `{key}`, which diffusion-moe {__version__} does not "
+                    f"know; the file was written by diffusion-moe {recorded}. Upgrade (`pip install -U "
+                    "diffusion-moe`) to load it: this version would ignore the setting."
+                )
+            unknown.append(key)
+        if unknown:
+            logger.warning_once(
+                f"{cls.__name__}: {where} has keys that are not diffusion-moe or Transformers settings: "
+                f"{', '.join(f'`{key}`' for key in unknown)}. They are kept as attributes but have no effect."
+            )
+        if all(config_dict.get(name) is not None for name in DERIVED_FIELDS):
+            # every derived field concrete: written before derived fields were saved as null
+            defaults = inspect.signature(cls.__init__).parameters
+
+            def get(field):
+                if field in config_dict:
+                    return config_dict[field]
+                return defaults[field].default if field in defaults else None
+
+            derived = {name: _derive(name, get) for name in DERIVED_FIELDS}
+            for name, value in derived.items():
+                if value is not None and config_dict[name] == value and _is_int(config_dict[name]):
+                    config_dict[name] = None
+        return config_dict
+
+    # ------------------------------------------------------------------ checks
+
+    def validate(self):
+        """Transformers' save-time validation hook (`save_pretrained` calls it): also runs
+        this config's checks, so a field assigned a bad value after construction is not saved."""
+        parent = getattr(super(), "validate", None)
+        if parent is not None:
+            parent()
+        self._check_values()
 
     def check(self):
         """Raise ValueError naming the first invalid field (called at construction)."""
-        for name in (
-            "vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads",
-            "num_key_value_heads", "head_dim", "max_position_embeddings", "block_size", "num_experts",
-            "num_experts_per_tok", "moe_intermediate_size", "block_router_size", "capacity_min", "capacity_max",
-            "block_router_min_experts",
-        ):
-            _require(isinstance(getattr(self, name), int) and getattr(self, name) > 0, name, "a positive integer", self)
-        for name in ("num_shared_experts", "first_k_dense_replace"):
-            _require(isinstance(getattr(self, name), int) and getattr(self, name) >= 0, name, "an integer >= 0", self)
-        for name in ("rms_norm_eps", "rope_theta", "routed_scaling_factor", "capacity_sigma"):
-            _require(_is_number(getattr(self, name)) and getattr(self, name) > 0, name, "a number > 0", self)
-        for name in ("router_aux_loss_coef", "router_z_loss_coef", "expert_bias_update_rate", "attention_dropout"):
-            _require(_is_number(getattr(self, name)) and getattr(self, name) >= 0, name, "a number >= 0", self)
-        _require(self.router_type in ROUTER_TYPES, "router_type", f"one of {ROUTER_TYPES}", self)
+        self._check_values()
+        ignored = self.ignored_settings()
+        if ignored:
+            logger.warning_once(
+                f"DiffusionMoeConfig: router_type={self.router_type!r} ignores {', '.join(ignored)}. They are kept in "
+                "the config (a later switch of `router_type` uses them again) but have no effect now."
+            )
+
+    def _check_values(self):
+        for name, kind in FIELD_TYPES.items():
+            _check_kind(self, name, kind)
+        from transformers.activations import ACT2FN
+
+        _require(isinstance(self.hidden_act, str) and self.hidden_act in ACT2FN, "hidden_act",
+                 f"one of transformers' activations {sorted(ACT2FN)}", self)
+        eos = self.eos_token_id
         _require(
-            self.router_score_function in ROUTER_SCORE_FUNCTIONS, "router_score_function",
-            f"one of {ROUTER_SCORE_FUNCTIONS}", self,
+            eos is None or _is_id(eos, self.vocab_size)
+            or (isinstance(eos, (list, tuple)) and len(eos) > 0 and all(_is_id(i, self.vocab_size) for i in eos)),
+            "eos_token_id", f"None, a token id in [0, vocab_size={self.vocab_size}) or a non-empty list of them", self,
         )
-        _require(self.attention_layout in ATTENTION_LAYOUTS, "attention_layout", f"one of {ATTENTION_LAYOUTS}", self)
-        _require(self.capacity_schedule in CAPACITY_SCHEDULES, "capacity_schedule", f"one of {CAPACITY_SCHEDULES}", self)
-        _require(self.loss_weighting in ("elbo", "none"), "loss_weighting", "one of ('elbo', 'none')", self)
         _require(
             self.num_attention_heads % self.num_key_value_heads == 0, "num_key_value_heads",
             f"a divisor of num_attention_heads ({self.num_attention_heads})", self,
         )
-        rotary = self.head_dim * self.partial_rotary_factor
+        rotary = self.head_dim * self.partial_rotary_factor if _is_number(self.partial_rotary_factor) else 0.5
         _require(
             _is_number(self.partial_rotary_factor) and 0 < self.partial_rotary_factor <= 1
             and rotary == int(rotary) and int(rotary) % 2 == 0,
@@ -230,11 +596,6 @@ class DiffusionMoeConfig(SavesRemoteCode, PretrainedConfig):
             self.first_k_dense_replace <= self.num_hidden_layers, "first_k_dense_replace",
             f"at most num_hidden_layers ({self.num_hidden_layers})", self,
         )
-        if self.mask_token_id is not None:
-            _require(
-                isinstance(self.mask_token_id, int) and 0 <= self.mask_token_id < self.vocab_size, "mask_token_id",
-                f"None or an id in [0, vocab_size={self.vocab_size})", self,
-            )
         if self.n_group is not None or self.topk_group is not None:
             _require(
                 isinstance(self.n_group, int) and self.n_group > 0 and E % self.n_group == 0, "n_group",
@@ -259,8 +620,6 @@ class DiffusionMoeConfig(SavesRemoteCode, PretrainedConfig):
                 "None unless router_type='token_choice' (expert choice sets capacity from k; block routing is dropless)",
                 self,
             )
-            _require(_is_number(self.capacity_factor) and self.capacity_factor > 0, "capacity_factor",
-                     "None (dropless) or a number > 0", self)
         _require(
             self.capacity_min <= self.capacity_max, "capacity_min", f"at most capacity_max ({self.capacity_max})", self
         )
@@ -279,12 +638,9 @@ class DiffusionMoeConfig(SavesRemoteCode, PretrainedConfig):
             k <= self.block_router_min_experts <= E, "block_router_min_experts",
             f"an integer in [num_experts_per_tok={k}, num_experts={E}]", self,
         )
-        ignored = self.ignored_settings()
-        if ignored:
-            logger.warning_once(
-                f"DiffusionMoeConfig: router_type={self.router_type!r} ignores {', '.join(ignored)}. They are kept in "
-                "the config (a later switch of `router_type` uses them again) but have no effect now."
-            )
+        if getattr(self, "is_heterogeneous", False):  # set after construction (construction refuses it)
+            raise ValueError("DiffusionMoeConfig: `per_layer_config` must be None (every layer has the same shape and "
+                             "routing).")
 
     def ignored_settings(self) -> list[str]:
         """Settings that differ from their defaults but that this `router_type` does not use.
@@ -292,7 +648,6 @@ class DiffusionMoeConfig(SavesRemoteCode, PretrainedConfig):
         Retrofitting swaps `router_type` on a trained config, so such settings are legal;
         they are named in one logged warning instead of being dropped silently.
         """
-        k = self.num_experts_per_tok
         ignored = []
         if self.router_type == "expert_choice":
             if self.n_group is not None:
@@ -303,17 +658,30 @@ class DiffusionMoeConfig(SavesRemoteCode, PretrainedConfig):
                 ignored.append(f"router_aux_loss_coef={self.router_aux_loss_coef} (balanced by construction)")
         if self.router_type != "block":
             defaults = {"block_router_size": 32, "block_router_top_p": 0.6,
-                        "block_router_min_experts": max(k, min(16, self.num_experts))}
+                        "block_router_min_experts": self._derived_default("block_router_min_experts")}
             ignored += [f"{name}={getattr(self, name)}" for name, value in defaults.items()
                         if getattr(self, name) != value]
         if self.capacity_schedule == "constant":
-            defaults = {"capacity_min": max(1, k // 2)}
-            defaults["capacity_max"] = min(2 * k - defaults["capacity_min"], self.num_experts)
             ignored += [f"{name}={getattr(self, name)} (capacity_schedule='constant')"
-                        for name, value in defaults.items() if getattr(self, name) != value]
+                        for name in ("capacity_min", "capacity_max")
+                        if getattr(self, name) != self._derived_default(name, explicit_min=False)]
         if not self.capacity_schedule.startswith("bell_gaussian") and self.capacity_sigma != 0.22:
             ignored.append(f"capacity_sigma={self.capacity_sigma} (only the bell_gaussian schedules use it)")
         return ignored
+
+    def _derived_default(self, name, explicit_min=True):
+        """What `name` is when derived (from the current fields; `explicit_min=False`: with
+        capacity_min derived too)."""
+        def get(field):
+            if field in DERIVED_FIELDS:
+                return self.__dict__.get(field) if explicit_min else None
+            return getattr(self, field, None)
+
+        return _derive(name, get)
+
+    def explicit_fields(self) -> dict:
+        """The derived fields (`DERIVED_FIELDS`) that were set explicitly, with their values."""
+        return {name: self.__dict__[name] for name in DERIVED_FIELDS if self.__dict__.get(name) is not None}
 
 
 def _require(ok, name, allowed, config):
@@ -321,12 +689,31 @@ def _require(ok, name, allowed, config):
         raise ValueError(f"DiffusionMoeConfig: `{name}` must be {allowed}; got {getattr(config, name)!r}.")
 
 
-def _is_number(x):
-    return isinstance(x, (int, float)) and not isinstance(x, bool)
+def _is_id(value, vocab_size):
+    return _is_int(value) and 0 <= value < vocab_size
 
 
-def _div_or_none(a, b):
-    return a // b if isinstance(a, int) and isinstance(b, int) and b > 0 else None
+def _check_kind(config, name, kind):
+    value = getattr(config, name)
+    if isinstance(kind, tuple):
+        _require(isinstance(value, str) and value in kind, name, f"one of {kind}", config)
+    elif kind == "id":
+        vocab = config.vocab_size
+        _require(value is None or _is_id(value, vocab), name, f"None or a token id in [0, vocab_size={vocab})", config)
+    else:
+        optional = kind.startswith("?")
+        base = kind.lstrip("?")
+        if optional and value is None:
+            return
+        ok = {
+            "int>0": lambda v: _is_int(v) and v > 0,
+            "int>=0": lambda v: _is_int(v) and v >= 0,
+            "num>0": lambda v: _is_number(v) and v > 0,
+            "num>=0": lambda v: _is_number(v) and v >= 0,
+            "unit": lambda v: _is_number(v) and 0 <= v <= 1,
+            "bool": lambda v: isinstance(v, bool),
+        }[base](value)
+        _require(ok, name, _KIND_TEXT[kind], config)
 
 
 __all__ = ["DiffusionMoeConfig"]

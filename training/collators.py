@@ -24,6 +24,16 @@ lowers the variance of the loss estimate), and every noisable token is replaced 
 Noise comes from the global torch RNG, or, with `seed`, from a generator seeded by the
 seed and the batch content (reproducible across checkpoint resumption; see `generator`).
 
+Bad data fails with the row and position instead of training on something else: a real
+token equal to `mask_token_id` (it would be read as a masked position, and become a target
+where it is noised), a pre-tokenised SFT `prompt_length` outside [0, len(input_ids)) (no
+answer token left), an empty answer, a conversation that does not end with the assistant's
+message. Truncation to `max_length` is logged once per collator. An SFT example cut there
+keeps no EOS: in the LLaDA recipes EOS marks where an answer really ends (and its padding
+teaches the model to stop), so an EOS at an arbitrary cut would teach it to stop
+mid-answer; a cut row simply fills the window. A pretraining sequence loses its tail
+(pack the corpus with `pack_documents` instead).
+
 Block-causal models train on the two-stream input [x_t ; x_0] (length 2L): positions
 0..L-1 twice, labels only on the noisy half, the mask from `two_stream_attention_mask`.
 With a 4-D mask the model routes every token as real, so padding is best avoided there
@@ -33,12 +43,16 @@ the noisy and the clean copy of a block are separate routing units.
 """
 
 import hashlib
+import operator
 from dataclasses import dataclass
 
 import torch
+from transformers.utils import logging
 
 from ..modeling.attention_masks import positions_from_padding, two_stream_attention_mask
 from ..modeling.diffusion_loss import IGNORE_INDEX
+
+logger = logging.get_logger(__name__)
 
 LAYOUTS = ("bidirectional", "block_causal")
 TIME_SAMPLING = ("uniform", "low_discrepancy")
@@ -85,7 +99,13 @@ class _DiffusionCollator:
             )
         if self.pad_token_id is None and self.tokenizer is not None:
             self.pad_token_id = self.tokenizer.pad_token_id
-        if not (isinstance(self.eps, (int, float)) and 0 < self.eps < 1):
+        _check_optional_int(name, "mask_token_id", self.mask_token_id, 0, "a token id (an integer >= 0)")
+        _check_optional_int(name, "pad_token_id", self.pad_token_id, 0, "None or a token id (an integer >= 0)")
+        _check_optional_int(name, "max_length", self.max_length, 1, "None or a positive integer")
+        _check_optional_int(name, "max_position_embeddings", self.max_position_embeddings, 1,
+                            "None or a positive integer")
+        _check_optional_int(name, "seed", self.seed, None, "None or an integer")
+        if not (_is_number(self.eps) and 0 < self.eps < 1):
             raise ValueError(f"{name}: `eps` must be a number in (0, 1); got {self.eps!r}.")
         if self.time_sampling not in TIME_SAMPLING:
             raise ValueError(f"{name}: `time_sampling` must be one of {TIME_SAMPLING}; got {self.time_sampling!r}.")
@@ -96,13 +116,37 @@ class _DiffusionCollator:
             )
         if self.loss_weighting not in WEIGHTINGS:
             raise ValueError(f"{name}: `loss_weighting` must be one of {WEIGHTINGS}; got {self.loss_weighting!r}.")
-        if not (isinstance(self.block_size, int) and self.block_size > 0):
+        if not (_is_int(self.block_size) and self.block_size > 0):
             raise ValueError(f"{name}: `block_size` must be a positive integer; got {self.block_size!r}.")
         limit = self.max_position_embeddings
         if self.max_length is not None and limit is not None and self.max_length > limit:
             raise ValueError(
                 f"{name}: `max_length` must be at most max_position_embeddings ({limit}); got {self.max_length}."
             )
+
+    def _reject_mask_tokens(self, clean: torch.Tensor, real: torch.Tensor):
+        """ValueError naming the first real position of the batch that holds `mask_token_id`."""
+        found = (clean == self.mask_token_id) & real
+        if found.any():
+            row, position = (int(i) for i in found.nonzero()[0])
+            raise ValueError(
+                f"{type(self).__name__}: row {row} of the batch holds mask_token_id={self.mask_token_id} at position "
+                f"{position} ({int(found.sum())} such tokens in the batch). The model would read it as a masked "
+                "position, and where it is noised it would become a training target; remove it from the data (text "
+                "that spells the mask token is tokenised to it)."
+            )
+
+    def _warn_truncation_once(self, lengths: list[int], what: str):
+        """Log once per collator that sequences were cut to `max_length`."""
+        cut = [n for n in lengths if n > self.max_length]
+        if not cut or getattr(self, "_warned_truncation", False):
+            return
+        self._warned_truncation = True
+        logger.warning(
+            f"{type(self).__name__}: {len(cut)} of {len(lengths)} sequences in this batch are longer than "
+            f"max_length={self.max_length} (the longest has {max(cut)} tokens) and are cut to it: {what} "
+            "(logged once per collator)."
+        )
 
     def _check_length(self, length: int):
         limit = self.max_position_embeddings
@@ -160,8 +204,26 @@ class _DiffusionCollator:
 
 
 def _ids(feature) -> list[int]:
-    ids = feature["input_ids"] if isinstance(feature, dict) else feature
-    return ids.tolist() if torch.is_tensor(ids) else list(ids)
+    if isinstance(feature, dict):
+        if "input_ids" not in feature:
+            raise ValueError(f"a feature must be a token-id list or have `input_ids`; got keys {sorted(feature)}.")
+        feature = feature["input_ids"]
+    return feature.tolist() if torch.is_tensor(feature) else list(feature)
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, int) and not isinstance(x, bool)
+
+
+def _is_number(x) -> bool:
+    return isinstance(x, (int, float)) and not isinstance(x, bool)
+
+
+def _check_optional_int(owner: str, name: str, value, minimum, allowed: str):
+    if value is None and name != "mask_token_id":
+        return
+    if not (_is_int(value) and (minimum is None or value >= minimum)):
+        raise ValueError(f"{owner}: `{name}` must be {allowed}; got {value!r}.")
 
 
 @dataclass
@@ -170,7 +232,16 @@ class DiffusionPretrainCollator(_DiffusionCollator):
     `input_ids`); longer ones are cut to `max_length`, shorter ones right-padded with pad."""
 
     def __call__(self, features) -> dict:
-        sequences = [_ids(f)[: self.max_length] if self.max_length else _ids(f) for f in features]
+        if not features:
+            raise ValueError("DiffusionPretrainCollator: got an empty batch.")
+        sequences = [_ids(f) for f in features]
+        if self.max_length is not None:
+            self._warn_truncation_once(
+                [len(s) for s in sequences],
+                "their tokens past max_length are not trained on; pack the corpus into max_length chunks "
+                "(`pack_documents`) to train on all of it",
+            )
+            sequences = [s[: self.max_length] for s in sequences]
         length = max(len(s) for s in sequences)
         self._check_length(length)
         if any(len(s) < length for s in sequences) and self.pad_token_id is None:
@@ -182,6 +253,7 @@ class DiffusionPretrainCollator(_DiffusionCollator):
         for i, s in enumerate(sequences):
             clean[i, : len(s)] = torch.tensor(s, dtype=torch.long)
             padding_mask[i, : len(s)] = True
+        self._reject_mask_tokens(clean, padding_mask)
         return self.noise(clean, padding_mask, noisable=padding_mask)
 
 
@@ -193,7 +265,12 @@ class DiffusionSFTCollator(_DiffusionCollator):
     more EOS (real, noisable tokens the model learns to predict), so there is no attention
     padding. Features: {"prompt": str, "answer": str}, {"messages": [...]} (the last
     message is the answer, the rest go through the tokenizer's chat template), or
-    pre-tokenised {"input_ids": [...], "prompt_length": int} (EOS appended if missing).
+    pre-tokenised {"input_ids": [...], "prompt_length": int} (EOS appended if missing;
+    `prompt_length` in [0, len(input_ids)), so at least one answer token remains).
+
+    Examples longer than `max_length` are cut to it, without EOS: the answer goes on past the
+    window, and an EOS at the cut would teach the model to stop mid-answer. This is logged
+    once per collator; a prompt that fills `max_length` is an error.
     """
 
     eos_token_id: int | None = None
@@ -205,19 +282,51 @@ class DiffusionSFTCollator(_DiffusionCollator):
             self.eos_token_id = self.tokenizer.eos_token_id
         if self.eos_token_id is None:
             raise ValueError("DiffusionSFTCollator: `eos_token_id` must be set (or pass a tokenizer with an EOS token).")
+        _check_optional_int("DiffusionSFTCollator", "eos_token_id", self.eos_token_id, 0,
+                            "a token id (an integer >= 0)")
+        if self.eos_token_id == self.mask_token_id:
+            raise ValueError(
+                f"DiffusionSFTCollator: `eos_token_id` must differ from mask_token_id ({self.mask_token_id}): EOS ends "
+                "and pads every answer and is a training target, so it cannot also be the mask token."
+            )
+        if not isinstance(self.pad_to_max_length, bool):
+            raise ValueError(
+                f"DiffusionSFTCollator: `pad_to_max_length` must be a bool; got {self.pad_to_max_length!r}."
+            )
         if self.pad_to_max_length and self.max_length is None:
             raise ValueError("DiffusionSFTCollator: `pad_to_max_length=True` needs `max_length`.")
 
     def encode(self, feature) -> tuple[list[int], int]:
         """(token ids ending with EOS, prompt length) of one example."""
+        if not isinstance(feature, dict):
+            raise ValueError(f"DiffusionSFTCollator: each feature must be a dict; got {type(feature).__name__}.")
         if "input_ids" in feature:
-            ids, prompt_length = _ids(feature), int(feature["prompt_length"])
-            if not ids or ids[-1] != self.eos_token_id:
+            ids = _ids(feature)
+            if "prompt_length" not in feature:
+                raise ValueError("DiffusionSFTCollator: a feature with `input_ids` needs `prompt_length`.")
+            prompt_length = feature["prompt_length"]
+            try:
+                prompt_length = operator.index(prompt_length) if not isinstance(prompt_length, bool) else None
+            except TypeError:
+                prompt_length = None
+            if prompt_length is None or not 0 <= prompt_length < len(ids):
+                raise ValueError(
+                    f"DiffusionSFTCollator: `prompt_length` must be an integer in [0, {len(ids)}) for input_ids of "
+                    f"{len(ids)} tokens, so that at least one answer token remains; got {feature['prompt_length']!r}."
+                )
+            if ids[-1] != self.eos_token_id:
                 ids.append(self.eos_token_id)
             return ids, prompt_length
         if self.tokenizer is None:
             raise ValueError("DiffusionSFTCollator: text features need `tokenizer`; or pass input_ids + prompt_length.")
         if "messages" in feature:
+            messages = feature["messages"]
+            last = messages[-1] if isinstance(messages, (list, tuple)) and messages else None
+            if not isinstance(last, dict) or last.get("role") != "assistant" or "content" not in last:
+                raise ValueError(
+                    "DiffusionSFTCollator: `messages` must end with the answer, a message with role 'assistant' and "
+                    f"`content`; the last one is {last!r}."
+                )
             prompt_text = self.tokenizer.apply_chat_template(
                 feature["messages"][:-1], tokenize=False, add_generation_prompt=True
             )
@@ -231,9 +340,13 @@ class DiffusionSFTCollator(_DiffusionCollator):
             )
         prompt = self.tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
         answer = self.tokenizer(answer_text, add_special_tokens=False)["input_ids"]
+        if not answer:
+            raise ValueError(f"DiffusionSFTCollator: the answer is empty (no token to train on); got {answer_text!r}.")
         return prompt + answer + [self.eos_token_id], len(prompt)
 
     def __call__(self, features) -> dict:
+        if not features:
+            raise ValueError("DiffusionSFTCollator: got an empty batch.")
         encoded = [self.encode(f) for f in features]
         for ids, prompt_length in encoded:
             if self.max_length is not None and prompt_length >= self.max_length:
@@ -242,6 +355,11 @@ class DiffusionSFTCollator(_DiffusionCollator):
                     "leaving no answer token to train on; raise `max_length` or shorten the prompt."
                 )
         if self.max_length is not None:
+            self._warn_truncation_once(
+                [len(ids) for ids, _ in encoded],
+                "their answers end at the cut without EOS, so they teach the model nothing about where answers end; "
+                "raise `max_length` or drop the long examples to keep every answer whole",
+            )
             encoded = [(ids[: self.max_length], p) for ids, p in encoded]
         length = self.max_length if self.pad_to_max_length else max(len(ids) for ids, _ in encoded)
         self._check_length(length)
@@ -251,6 +369,7 @@ class DiffusionSFTCollator(_DiffusionCollator):
             clean[i, : len(ids)] = torch.tensor(ids, dtype=torch.long)
             noisable[i, :prompt_length] = False
         padding_mask = torch.ones_like(noisable)
+        self._reject_mask_tokens(clean, padding_mask)
         return self.noise(clean, padding_mask, noisable)
 
 
