@@ -597,6 +597,9 @@ class DiffusionMoeConfig(SavesRemoteCode, PretrainedConfig):
             f"at most num_hidden_layers ({self.num_hidden_layers})", self,
         )
         if self.n_group is not None or self.topk_group is not None:
+            _require(self.n_group is not None and self.topk_group is not None, "topk_group" if self.n_group is None
+                     else "n_group", "set together with `n_group` / `topk_group` (group-limited routing needs both)",
+                     self)
             _require(
                 isinstance(self.n_group, int) and self.n_group > 0 and E % self.n_group == 0, "n_group",
                 f"a positive divisor of num_experts ({E}) when group-limited routing is used", self,

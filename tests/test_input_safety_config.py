@@ -437,3 +437,17 @@ def test_packing_refuses_mask_text_a_missing_eos_and_a_single_chunk(tokenizer):
     n_tokens = len(tokenizer("one short document", add_special_tokens=False)["input_ids"]) + 1
     with pytest.raises(ValueError, match="packs into 1 chunk.*at least 2 are needed"):  # was: an empty train set
         train_validation_split(tokenizer, ["one short document"], n_tokens)
+
+
+@pytest.mark.parametrize("bad", [-1, 2.0, True, "3"])
+def test_collators_refuse_what_is_not_a_token_id(bad):
+    """A -1 in the data became label -1 (a crash in the loss, or worse, a wrong target)."""
+    import numpy as np
+
+    from diffusion_moe.training.collators import DiffusionPretrainCollator
+
+    collator = DiffusionPretrainCollator(mask_token_id=63, pad_token_id=0, seed=0)
+    with pytest.raises(ValueError, match="input_ids"):
+        collator([{"input_ids": [5, bad, 7]}])
+    batch = collator([{"input_ids": np.array([5, 6, 7])}, {"input_ids": [5, 6]}])  # numpy ints are token ids
+    assert batch["input_ids"].shape == (2, 3)

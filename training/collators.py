@@ -43,6 +43,7 @@ the noisy and the clean copy of a block are separate routing units.
 """
 
 import hashlib
+import numbers
 import operator
 from dataclasses import dataclass
 
@@ -208,7 +209,12 @@ def _ids(feature) -> list[int]:
         if "input_ids" not in feature:
             raise ValueError(f"a feature must be a token-id list or have `input_ids`; got keys {sorted(feature)}.")
         feature = feature["input_ids"]
-    return feature.tolist() if torch.is_tensor(feature) else list(feature)
+    ids = feature.tolist() if torch.is_tensor(feature) else list(feature)
+    bad = next((i for i, token in enumerate(ids)
+                if not (isinstance(token, numbers.Integral) and not isinstance(token, bool) and token >= 0)), None)
+    if bad is not None:
+        raise ValueError(f"`input_ids` must be token ids (integers >= 0); got {ids[bad]!r} at position {bad}.")
+    return [int(token) for token in ids]
 
 
 def _is_int(x) -> bool:
