@@ -16,6 +16,11 @@ processors (`logits_processing.py`), a prediction and a decoding rule (`denoisin
 After each block: EOS and the stopping criteria. Settings follow Transformers' meaning
 (`generation_config_diffusion.py`).
 
+Before anything runs, `generate_checks.py` rejects bad input with a ValueError naming it
+(malformed or empty prompts and masks, an answer past `max_position_embeddings`, a canvas
+larger than the device's memory) and reads a padded batch without `attention_mask` as
+Transformers does; a `cache` from another model is rejected by `PrefixCache.check_made_by`.
+
 Batches are left-padded. For block-causal models every sample is re-padded on the left by
 a multiple of `block_length`, so all samples' blocks share tensor indices while staying
 aligned to their own position 0; a sample whose current block holds no masks idles.
@@ -45,9 +50,10 @@ from .block_runners import (
     static_block_step,
 )
 from .denoising import MaskFilling, TokenEditing, predict
+from .generate_checks import canvas_length, check_length, check_memory, check_prompts
 from .generation_config_diffusion import DEFAULT_MAX_NEW_TOKENS, DiffusionGenerationConfig
 from .logits_processing import BlockOffsets, build_logits_processors, build_stopping_criteria
-from .prefix_cache import PrefixCache
+from .prefix_cache import PrefixCache, model_signature
 
 logger = logging.get_logger(__name__)
 _LOADING_KWARGS = ("cache_dir", "force_download", "proxies", "local_files_only", "token", "revision", "subfolder")
@@ -141,19 +147,9 @@ class DiffusionGenerationMixin:
         return config.max_length - prompt_width
 
     def _check_generate_inputs(self, input_ids, attention_mask, config, streamer, cache):
-        """Raise ValueError for inputs generate() cannot handle; returns the boolean padding mask."""
-        if not isinstance(input_ids, torch.Tensor) or input_ids.dim() != 2:
-            raise ValueError("`input_ids` must be a 2-D LongTensor [batch, prompt_length].")
-        if attention_mask is None:
-            attention_mask = torch.ones_like(input_ids, dtype=torch.bool)
-        attention_mask = attention_mask.bool()
-        if attention_mask.shape != input_ids.shape:
-            raise ValueError(f"`attention_mask` must have the shape of `input_ids` {tuple(input_ids.shape)}.")
-        if (attention_mask[:, 1:] < attention_mask[:, :-1]).any():
-            raise ValueError(
-                "generate() needs left-padded prompts (padding before the prompt, as with "
-                "tokenizer.padding_side = 'left'); `attention_mask` has padding after a real token."
-            )
+        """Raise ValueError for inputs generate() cannot handle (see `generate_checks.py`);
+        returns (input_ids as int64, the boolean padding mask)."""
+        input_ids, attention_mask = check_prompts(self, input_ids, attention_mask, config)
         check_token_ids(input_ids, self.config.vocab_size, where=attention_mask)
         if ((input_ids == config.mask_token_id) & attention_mask).any():
             raise ValueError(
@@ -187,13 +183,15 @@ class DiffusionGenerationMixin:
                 raise ValueError("Pass either `cache` or `cache_implementation='static'`, not both.")
             if cache is not None and not isinstance(cache, PrefixCache):
                 raise ValueError("`cache` must be the `PrefixCache` a previous generate() returned.")
+            if cache is not None:
+                cache.check_made_by(self)
             if config.use_cache and config.block_length % self.config.block_size != 0:
                 raise ValueError(
                     f"With the exact cache, `block_length` ({config.block_length}) must be a multiple of the model's "
                     f"attention block_size ({self.config.block_size}) so finished blocks never change; "
                     "or pass use_cache=False."
                 )
-        return attention_mask
+        return input_ids, attention_mask
 
     @torch.no_grad()
     @accepts_past_key_values
@@ -202,8 +200,18 @@ class DiffusionGenerationMixin:
                  **kwargs):
         """Block-parallel denoising. Keyword arguments override `generation_config` (see DiffusionGenerationConfig).
 
-        input_ids / attention_mask: left-padded prompts [B, P]. Returns [B, P + answer length]
-        token ids, or a `DiffusionGenerateOutput` with `return_dict_in_generate=True`.
+        input_ids / attention_mask: left-padded prompts [B, P] (integer ids; a mask of 0 and
+            1). Returns [B, P + answer length] token ids, or a `DiffusionGenerateOutput` with
+            `return_dict_in_generate=True`. Without `attention_mask`, positions holding
+            `pad_token_id` are padding, as in Transformers' generate (unless the pad id is also
+            an EOS or BOS id), and a warning says so once. Every row needs at least one prompt
+            token: an empty prompt (P = 0, or a row of padding only) is a ValueError, because
+            every position of its first block would see the same input and the positions
+            committed first would be chosen by float rounding (batched, cached and single runs
+            would disagree); for unconditional generation pass a start token ([[bos_token_id]]).
+            The prompt plus the answer (rounded up to whole blocks for block-causal models)
+            must fit `max_position_embeddings`, and the canvas, KV cache and logits must fit
+            the device's memory (`generate_checks.py`): otherwise a ValueError names the length.
         logits_processor / stopping_criteria: Transformers' lists, applied as described in
             `logits_processing.py` (per answer position at every step; after every block).
         streamer: receives the prompt, then each finished block's new tokens, then `end()`;
@@ -216,11 +224,19 @@ class DiffusionGenerationMixin:
         show_progress: a tqdm bar over blocks.
         """
         config, user_set = self._diffusion_generation_config(generation_config, kwargs)
-        attention_mask = self._check_generate_inputs(input_ids, attention_mask, config, streamer, cache)
+        input_ids, attention_mask = self._check_generate_inputs(input_ids, attention_mask, config, streamer, cache)
+        N = self._answer_length(config, user_set, input_ids.shape[1])
+        from_max_length = config.max_new_tokens is None and config.max_length is not None
+        length_name = "max_length" if from_max_length else "max_new_tokens"
+        check_length(self, attention_mask, config, N, length_name)
+        rows = input_ids.shape[0] * (config.num_return_sequences or 1)
+        width = canvas_length(self, attention_mask, config, N) if self.config.attention_layout == "block_causal" else (
+            input_ids.shape[1] + N
+        )
+        check_memory(self, rows, width, config, length_name)
         if config.num_return_sequences and config.num_return_sequences > 1:
             input_ids = input_ids.repeat_interleave(config.num_return_sequences, dim=0)
             attention_mask = attention_mask.repeat_interleave(config.num_return_sequences, dim=0)
-        N = self._answer_length(config, user_set, input_ids.shape[1])
         block_causal = self.config.attention_layout == "block_causal"
         layout = _block_causal_layout if block_causal else _bidirectional_layout
         x, real, to_generate, pad, gen_start, blocks = layout(input_ids, attention_mask, config, N)
@@ -229,6 +245,8 @@ class DiffusionGenerationMixin:
         collect = bool(config.return_dict_in_generate)
         runner = self._block_runner(config, x, real, collect)
         static = isinstance(runner, StaticCacheRunner)
+        returns_cache = collect and type(runner) is ExactCacheRunner
+        signature = model_signature(self) if returns_cache else None
         if isinstance(runner, ExactCacheRunner):
             reused = None
             if cache is not None:
@@ -248,7 +266,6 @@ class DiffusionGenerationMixin:
         row_forwards = torch.zeros(B, dtype=torch.long, device=x.device)
         forwards = torch.zeros((), dtype=torch.long, device=x.device)
         history, routing = [], []
-        returns_cache = collect and type(runner) is ExactCacheRunner
         rule = (MaskFilling if config.editing_threshold is None else TokenEditing)(config, mask_id)
         drafts = streamer is not None and hasattr(streamer, "put_draft")
 
@@ -323,7 +340,7 @@ class DiffusionGenerationMixin:
             prompt_lengths = attention_mask.sum(-1)
             bl = config.block_length
             cached = torch.minimum(prompt_lengths + kept, extent - pad).clamp(min=0) // bl * bl
-            prefix_cache.record(x[:, :extent].clone(), pad, cached)
+            prefix_cache.record(x[:, :extent].clone(), pad, cached, signature)
         return DiffusionGenerateOutput(
             sequences=sequences,
             history=tuple(history) if config.output_history else None,

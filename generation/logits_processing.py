@@ -96,7 +96,14 @@ def build_stopping_criteria(config, user_criteria=None, tokenizer=None) -> Stopp
     if config.stop_strings is not None:
         if tokenizer is None:
             raise ValueError("`stop_strings` needs the model's tokenizer: pass generate(..., tokenizer=tokenizer).")
-        criteria.append(StopStringCriteria(tokenizer=tokenizer, stop_strings=config.stop_strings))
+        try:
+            criteria.append(StopStringCriteria(tokenizer=tokenizer, stop_strings=config.stop_strings))
+        except ValueError as error:  # e.g. word-level vocabularies: no token/space prefix to strip
+            raise ValueError(
+                f"`stop_strings`: Transformers' StopStringCriteria cannot index this tokenizer's vocabulary "
+                f"({type(tokenizer).__name__}: {error}). Generate without `stop_strings` and cut the decoded text at "
+                "the stop string instead (as the lm-eval adapter does)."
+            ) from error
     return criteria
 
 

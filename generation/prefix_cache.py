@@ -8,9 +8,12 @@ reads a view of the buffer. Otherwise it behaves as a `DynamicLayer`.
 
 `PrefixCache` is what `generate(..., return_dict_in_generate=True)` returns for
 block-causal models: the keys/values of every sample's finished whole blocks, with the
-tokens they were computed from. Passed back as `cache` with a prompt that extends
-those tokens (a chat's next turn), `reuse_for` lays it out for the new batch, so only the
-new tokens are prefilled.
+tokens they were computed from and the signature of the model that computed them
+(`model_signature`: the config fields that shape its keys/values, dtype, device and a
+fingerprint of the weights). Passed back as `cache` with a prompt that extends those
+tokens (a chat's next turn), `check_made_by` and `check_extended_by` reject a cache of
+another model or another sequence, and `reuse_for` lays it out for the new batch, so only
+the new tokens are prefilled.
 """
 
 import torch
@@ -44,8 +47,55 @@ class PrefixBufferLayer(DynamicLayer):
         return self.keys, self.values
 
 
-def prefix_buffer_cache(num_layers: int, max_length: int) -> "PrefixCache":
-    return PrefixCache(layers=[PrefixBufferLayer(max_length) for _ in range(num_layers)])
+def prefix_buffer_cache(num_layers: int, max_length: int, signature: dict | None = None) -> "PrefixCache":
+    cache = PrefixCache(layers=[PrefixBufferLayer(max_length) for _ in range(num_layers)])
+    cache.signature = signature
+    return cache
+
+
+# the config fields that decide a model's keys/values (and so whether a cache fits it)
+SIGNATURE_FIELDS = (
+    "num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads", "num_key_value_heads", "head_dim",
+    "vocab_size", "hidden_act", "rms_norm_eps", "rope_theta", "partial_rotary_factor", "use_qk_norm",
+    "attention_layout", "block_size", "first_k_dense_replace", "num_experts", "num_experts_per_tok",
+    "moe_intermediate_size", "num_shared_experts", "router_type", "router_score_function", "norm_topk_prob",
+    "routed_scaling_factor", "n_group", "topk_group", "capacity_factor", "capacity_schedule", "capacity_min",
+    "capacity_max", "capacity_sigma", "block_router_size", "block_router_top_p", "block_router_min_experts",
+    "mask_token_id",
+)
+
+
+def model_signature(model) -> dict:
+    """What a cache must agree with to be reused by `model`: the config fields that shape
+    its keys/values, dtype, device, and a fingerprint of the weights (so another checkpoint
+    of the same architecture, or weights changed since, are caught too)."""
+    signature = {name: getattr(model.config, name, None) for name in SIGNATURE_FIELDS}
+    signature["dtype"] = str(model.dtype)
+    signature["device"] = str(model.device)
+    signature["weights"] = _weights_fingerprint(model)
+    return signature
+
+
+def _weights_fingerprint(model) -> tuple:
+    """Sums (fp64, on the CPU) of up to 4096 evenly strided entries of the embedding and of
+    every attention layer's key/value projections: cheap, and different for another checkpoint."""
+    tensors = [model.get_input_embeddings().weight]
+    for module in model.modules():
+        for name in ("k_proj", "v_proj"):
+            weight = getattr(getattr(module, name, None), "weight", None)
+            if isinstance(weight, torch.Tensor):
+                tensors.append(weight)
+    sums = []
+    for tensor in tensors:
+        if tensor.device.type == "meta":  # offloaded: nothing to read
+            sums.append(None)
+            continue
+        if hasattr(tensor, "to_local"):  # a DTensor (tensor parallelism): this rank's shard
+            tensor = tensor.to_local()
+        flat = tensor.detach().reshape(-1)
+        sample = flat[:: max(flat.numel() // 4096, 1)][:4096]
+        sums.append(float(sample.cpu().double().sum()))  # on the CPU: some devices have no fp64
+    return tuple(sums)
 
 
 class PrefixCache(Cache):
@@ -56,9 +106,27 @@ class PrefixCache(Cache):
     canvas: torch.Tensor | None = None
     pad: torch.Tensor | None = None
     cached: torch.Tensor | None = None
+    signature: dict | None = None  # `model_signature` of the model that computed it
 
-    def record(self, canvas: torch.Tensor, pad: torch.Tensor, cached: torch.Tensor):
-        self.canvas, self.pad, self.cached = canvas, pad, cached
+    def record(self, canvas: torch.Tensor, pad: torch.Tensor, cached: torch.Tensor, signature: dict):
+        self.canvas, self.pad, self.cached, self.signature = canvas, pad, cached, signature
+
+    def check_made_by(self, model):
+        """ValueError naming every difference between the model that computed this cache and `model`."""
+        if self.canvas is None or self.signature is None:
+            raise ValueError("`cache` must be the cache a previous generate() returned "
+                             "(return_dict_in_generate=True).")
+        current = model_signature(model)
+        differ = [name for name in current if current[name] != self.signature.get(name)]
+        if differ:
+            details = "; ".join(
+                "the weights differ (another checkpoint, or weights changed since)" if name == "weights"
+                else f"{name}: {self.signature.get(name)!r} (this model: {current[name]!r})" for name in differ
+            )
+            raise ValueError(
+                f"`cache` was computed by a different model ({details}); its keys/values do not fit this model. "
+                "Pass the cache this model's generate() returned, or no cache."
+            )
 
     def check_extended_by(self, prompts: list[torch.Tensor]):
         """ValueError unless every new prompt starts with the tokens cached for its row."""
@@ -85,7 +153,7 @@ class PrefixCache(Cache):
         valid keys/values at their new indices; and the common length c0 up to which every row
         is filled (the caller prefills from there)."""
         c0 = int((pad + self.cached).min())
-        new = prefix_buffer_cache(len(self.layers), max_length)
+        new = prefix_buffer_cache(len(self.layers), max_length, self.signature)
         index = torch.arange(c0, device=pad.device).unsqueeze(0) - pad.unsqueeze(1)  # [B, c0] real position
         valid = (index >= 0) & (index < self.cached.unsqueeze(1))
         source = (index + self.pad.unsqueeze(1)).clamp(min=0)
