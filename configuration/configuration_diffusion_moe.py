@@ -64,6 +64,7 @@ _FROM_FILE = contextvars.ContextVar("diffusion_moe_config_from_file", default=Fa
 
 ROUTER_TYPES = ("token_choice", "expert_choice", "block")
 ROUTER_SCORE_FUNCTIONS = ("softmax", "sigmoid")
+ROUTED_SCALING_MODES = ("constant", "ec_dlm")
 ATTENTION_LAYOUTS = ("bidirectional", "block_causal")
 CAPACITY_SCHEDULES = (
     "constant",
@@ -114,6 +115,7 @@ FIELD_TYPES = {
     "tie_word_embeddings": "bool",
     "router_type": ROUTER_TYPES,
     "router_score_function": ROUTER_SCORE_FUNCTIONS,
+    "routed_scaling_mode": ROUTED_SCALING_MODES,
     "attention_layout": ATTENTION_LAYOUTS,
     "capacity_schedule": CAPACITY_SCHEDULES,
     "loss_weighting": LOSS_WEIGHTINGS,
@@ -272,6 +274,10 @@ class DiffusionMoeConfig(SavesRemoteCode, PretrainedConfig):
             (unless 2k - capacity_min exceeds num_experts).
         n_group / topk_group: group-limited top-k (token choice and block routers; expert
             choice ignores groups because experts pick tokens).
+        routed_scaling_mode: `"constant"` (gates x `routed_scaling_factor`) or `"ec_dlm"`
+            (EC-DLM's `--enable-scaling-factor`: expert choice multiplies a token's gates by
+            EC-DLM's factor for its number of choosing experts, token choice by EC-DLM's
+            top-k constant; needs shared experts and `routed_scaling_factor=1.0`).
         block_router_*: dMoE coreset per aligned chunk of `block_router_size` tokens;
             `block_router_min_experts` defaults to max(k, min(16, num_experts)).
         expert_bias_update_rate: step of the auxiliary-loss-free bias update (0 = off); the
@@ -319,6 +325,7 @@ class DiffusionMoeConfig(SavesRemoteCode, PretrainedConfig):
         router_score_function="softmax",
         norm_topk_prob=True,
         routed_scaling_factor=1.0,
+        routed_scaling_mode="constant",
         n_group=None,
         topk_group=None,
         capacity_factor=None,
@@ -368,6 +375,7 @@ class DiffusionMoeConfig(SavesRemoteCode, PretrainedConfig):
         self.router_score_function = router_score_function
         self.norm_topk_prob = norm_topk_prob
         self.routed_scaling_factor = routed_scaling_factor
+        self.routed_scaling_mode = routed_scaling_mode
         self.n_group = n_group
         self.topk_group = topk_group
         self.capacity_factor = capacity_factor
@@ -572,6 +580,20 @@ class DiffusionMoeConfig(SavesRemoteCode, PretrainedConfig):
             _check_kind(self, name, kind)
         from transformers.activations import ACT2FN
 
+        if self.routed_scaling_mode == "ec_dlm":
+            _require(self.router_type in ("token_choice", "expert_choice"), "routed_scaling_mode",
+                     "'constant' unless router_type is 'token_choice' or 'expert_choice' (EC-DLM's scaling is defined "
+                     "for those two)", self)
+            _require(self.num_shared_experts > 0, "routed_scaling_mode",
+                     "'constant' without shared experts: EC-DLM's scaling balances the routed output against the shared "
+                     "experts' (set num_shared_experts > 0)", self)
+            _require(self.routed_scaling_factor == 1.0, "routed_scaling_factor",
+                     "1.0 with routed_scaling_mode='ec_dlm' (EC-DLM's factors replace it)", self)
+            if self.router_type == "expert_choice":  # EC-DLM's factors assume its softmax gates over the choosers
+                _require(self.router_score_function == "softmax" and self.norm_topk_prob is True,
+                         "routed_scaling_mode", "'ec_dlm' for expert choice only with router_score_function='softmax' "
+                         "and norm_topk_prob=True (EC-DLM's gates: a softmax over the experts that chose the token)",
+                         self)
         _require(isinstance(self.hidden_act, str) and self.hidden_act in ACT2FN, "hidden_act",
                  f"one of transformers' activations {sorted(ACT2FN)}", self)
         eos = self.eos_token_id
