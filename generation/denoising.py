@@ -1,9 +1,11 @@
 """One step of block-parallel denoising: predict, then decide which positions change.
 
 `predict` turns a block's processed scores into a predicted token and a confidence per
-position. A decoding rule then updates the block from them; each rule is a small object
-with one contract, `update(block, tokens, confidence) -> (block, done)`, so the generation
-loop does not care which one runs:
+position: the best non-mask token (the mask token is never committed) and its probability
+under the softmax over the full vocabulary, the published references' confidence. A
+decoding rule then updates the block from them; each rule is a small object with one
+contract, `update(block, tokens, confidence) -> (block, done)`, so the generation loop does
+not care which one runs:
 
 * `MaskFilling` (LLaDA2.0 / dMoE): `steps` steps per block, step j commits quota[j] masked
   positions (the most confident), or every one above `threshold` when at least the quota
@@ -43,21 +45,68 @@ def select_commits(scores: torch.Tensor, candidates: torch.Tensor, quota: int, t
     return commit & candidates
 
 
-def predict(scores: torch.Tensor, greedy: bool, remasking: str = "low_confidence") -> tuple[torch.Tensor, torch.Tensor]:
+def only_mask_left(scores: torch.Tensor, mask_token_id: int | None) -> torch.Tensor:
+    """[B, W]: positions whose scores [B, W, V] leave no token but the mask token (every other at -inf)."""
+    others = scores.clone()
+    if mask_token_id is not None:
+        others[..., mask_token_id] = float("-inf")
+    return torch.isneginf(others).all(-1)
+
+
+def predict(scores: torch.Tensor, greedy: bool, remasking: str = "low_confidence", mask_token_id: int | None = None,
+            fallback: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """Predicted tokens [B, W] and remasking scores [B, W] (higher = commit first) from the
-    block's processed scores [B, W, V]: argmax when greedy, else a sample of softmax(scores)
-    (the sampling warpers have already run as logits processors)."""
+    block's processed scores [B, W, V] (the logits processors, and the sampling warpers when
+    sampling, have already run, on the full vocabulary).
+
+    Confidences are those of LLaDA2's / dMoE's published generate: probabilities under the
+    softmax over the FULL vocabulary, the mask token included. The mask token is never a
+    prediction: the token is the best non-mask token (greedy: the argmax of the scores
+    without the mask token; sampling: a sample of the softmax without it, i.e. the full
+    softmax conditioned on not drawing the mask token), and its confidence is its
+    full-softmax probability, not renormalised without the mask token (renormalising
+    divides each position by a different 1 - p(mask) and reorders the positions). Wherever
+    the reference's argmax is not the mask token, tokens and confidences are the
+    reference's, and so are greedy outputs. Where it is, the reference "commits" the mask
+    token (the position stays masked, yet takes a slot of the step's quota or passes the
+    threshold); here the position takes the best non-mask token with that token's
+    full-softmax probability (below p(mask)), so it ranks lower than in the reference and
+    the two runs may differ from there on.
+
+    remasking: "low_confidence" (the rule above); "margin": top-1 minus top-2 full-softmax
+    probability among the non-mask tokens; "entropy": exp(-entropy) of the full
+    distribution (the mask token's share included); "random": uniform.
+
+    A position where no non-mask token is left (every one at -inf, e.g. top_k=1 sampling
+    where the mask token is the top token) takes its token from `fallback` (the scores
+    processed with the mask token's logit at -inf beforehand), or the first non-mask id
+    without one, and scores 0 under every rule: it commits last.
+    """
     B, W, V = scores.shape
-    probs = scores.float().softmax(-1)
-    tokens = probs.argmax(-1) if greedy else torch.multinomial(probs.view(B * W, V), 1).view(B, W)
+    scores = scores.float()
+    probs = scores.softmax(-1)  # the full vocabulary: the references' confidences
+    stuck = only_mask_left(scores, mask_token_id)
+    candidates = scores if fallback is None else torch.where(stuck.unsqueeze(-1), fallback.float(), scores)
+    candidates = candidates.masked_fill(only_mask_left(candidates, mask_token_id).unsqueeze(-1), 0.0)  # a new tensor
+    if mask_token_id is not None:
+        candidates[..., mask_token_id] = float("-inf")
+    if greedy:
+        tokens = candidates.argmax(-1)
+    else:
+        tokens = torch.multinomial(candidates.softmax(-1).view(B * W, V), 1).view(B, W)
     if remasking == "low_confidence":
-        return tokens, probs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
-    if remasking == "margin":
-        top2 = probs.topk(2, dim=-1).values
-        return tokens, top2[..., 0] - top2[..., 1]
-    if remasking == "entropy":
-        return tokens, torch.exp(-torch.special.entr(probs).sum(-1))
-    return tokens, torch.rand(B, W, device=scores.device)
+        confidence = probs.gather(-1, tokens.unsqueeze(-1)).squeeze(-1)
+    elif remasking == "margin":
+        others = probs.clone()
+        if mask_token_id is not None:
+            others[..., mask_token_id] = 0.0
+        top2 = others.topk(min(2, V), dim=-1).values
+        confidence = top2[..., 0] - top2[..., 1] if V > 1 else top2[..., 0]
+    elif remasking == "entropy":
+        confidence = torch.exp(-torch.special.entr(probs).sum(-1))
+    else:
+        confidence = torch.rand(B, W, device=scores.device)
+    return tokens, confidence.masked_fill(stuck, 0.0)
 
 
 class MaskFilling:

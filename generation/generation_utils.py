@@ -11,8 +11,10 @@ forwards, each of which commits some masked positions (the confident ones).
   the prompt and every step re-runs the whole sequence, or (opt-in, approximate) reuses
   the prefix / prefix+suffix keys/values computed at each block's first step (Fast-dLLM).
 
-Each step: the block's logits (the mask token never predicted), Transformers' logits
-processors (`logits_processing.py`), a prediction and a decoding rule (`denoising.py`).
+Each step: the block's logits, Transformers' logits processors (`logits_processing.py`, on
+the full vocabulary), a prediction (`denoising.predict`: the best non-mask token, with its
+probability under the softmax over the full vocabulary as confidence, as LLaDA2's and
+dMoE's generate compute it) and a decoding rule (`denoising.py`).
 After each block: EOS and the stopping criteria. Settings follow Transformers' meaning
 (`generation_config_diffusion.py`).
 
@@ -49,7 +51,7 @@ from .block_runners import (
     new_static_cache,
     static_block_step,
 )
-from .denoising import MaskFilling, TokenEditing, predict
+from .denoising import MaskFilling, TokenEditing, only_mask_left, predict
 from .generate_checks import canvas_length, check_length, check_memory, check_prompts
 from .generation_config_diffusion import DEFAULT_MAX_NEW_TOKENS, DiffusionGenerationConfig
 from .logits_processing import BlockOffsets, build_logits_processors, build_stopping_criteria
@@ -286,10 +288,14 @@ class DiffusionGenerationMixin:
                 if _should_stop(done, pending, static):
                     break
                 logits, used = runner.block_logits(s, e)
-                logits[..., mask_id] = float("-inf")
-                if processors:
-                    logits = block_offsets.process(processors, logits, x.gather(1, gen_index))
-                tokens, confidence = predict(logits, config.greedy, config.remasking)
+                scores, fallback = logits, None
+                if processors:  # on the full vocabulary: confidences are the full softmax's (`predict`)
+                    answer = x.gather(1, gen_index)
+                    scores = block_offsets.process(processors, logits, answer)
+                    if only_mask_left(scores, mask_id).any():  # e.g. top_k=1 where the mask token is the top token
+                        logits[..., mask_id] = float("-inf")
+                        fallback = block_offsets.process(processors, logits, answer)
+                tokens, confidence = predict(scores, config.greedy, config.remasking, mask_id, fallback)
                 took_part = ~done
                 block, done = rule.update(x[:, s:e], tokens, confidence)
                 x[:, s:e] = block

@@ -336,6 +336,13 @@ def reference_forward(weights, config, input_ids, allowed, router="token_choice"
     return h @ head.T, routing
 
 
+def _without(logits, mask_id):
+    """logits with the mask token's at -inf: its argmax is the best non-mask token."""
+    logits = logits.clone()
+    logits[..., mask_id] = -math.inf
+    return logits
+
+
 # ----------------------------------------------------------------------------------------
 # reference sampler, batch size 1, uncached: block-causal attention makes
 # re-running the finished prefix exact, so this equals the cached LLaDA2 sampler.
@@ -344,8 +351,10 @@ def reference_forward(weights, config, input_ids, allowed, router="token_choice"
 def reference_generate(weights, config, prompt, gen_length, block_length, steps, threshold, mask_id, eos_id):
     """Greedy block-parallel denoising; returns the [1, total] token tensor (undecoded tail stays mask).
 
-    One deliberate difference from LLaDA2's sampler: the mask token is never predicted (its
-    logit is -inf), as in diffusion-moe's `generate`.
+    Confidence is the predicted token's probability under the softmax over the full
+    vocabulary, as in LLaDA2's sampler. One deliberate difference from it, as in
+    diffusion-moe's `generate`: the mask token is never committed, so where the argmax is
+    the mask token the best non-mask token is taken, with its full-softmax probability.
     """
     P = prompt.shape[1]
     num_blocks = -(-(P + gen_length) // block_length)
@@ -359,9 +368,10 @@ def reference_generate(weights, config, prompt, gen_length, block_length, steps,
             if not masked:
                 break
             logits, _ = reference_forward(weights, config, x[:, :end], block_causal_allowed(end, block_length))
-            logits[..., mask_id] = -math.inf
-            probs = torch.softmax(logits[0], dim=-1)
-            prediction = {t: int(probs[t].argmax()) for t in masked}
+            probs = torch.softmax(logits[0], dim=-1)  # the full vocabulary, the mask token included
+            candidates = logits[0].clone()
+            candidates[:, mask_id] = -math.inf  # deliberate difference: never the mask token
+            prediction = {t: int(candidates[t].argmax()) for t in masked}
             confidence = {t: float(probs[t, prediction[t]]) for t in masked}
             confident = [t for t in masked if confidence[t] > threshold]
             if len(confident) >= quota[step]:
@@ -380,7 +390,10 @@ def reference_generate(weights, config, prompt, gen_length, block_length, steps,
 # hub modeling code, op by op, for temperature 0 and batch 1. Two deliberate differences:
 # the block-causal mask is strict (LLaDA2.1's generate passes a 0/1 tensor as an *additive*
 # mask, so nothing is masked; LLaDA2.0's used 0/-inf, and only the strict mask makes a
-# prefix KV cache exact), and the mask token is never predicted (its logit is -inf).
+# prefix KV cache exact), and the mask token is never committed: where the argmax is the
+# mask token, the best non-mask token is taken, with its probability under the (published)
+# softmax over the full vocabulary as x0_p. The published code would commit the mask token
+# there: a no-op for a masked position, a re-masking T2T edit for a decided one.
 # `logits_fn(x)` returns the logits [1, len(x), V] of a block-causal forward over x.
 
 
@@ -410,11 +423,10 @@ def reference_generate_llada21(logits_fn, inputs, gen_length, block_length, thre
                 prompt_end_in_block = min(prompt_length - block_start_pos, block_length)
                 prompt_mask_in_block[:prompt_end_in_block] = True
             logits = logits_fn(cur_x).float()
-            logits[..., mask_id] = -math.inf  # deliberate difference (see above)
             active_logits = logits[:, -block_length:, :]
             # _sample_with_temperature_topk_topp at temperature 0
             flat = active_logits.reshape(-1, active_logits.shape[-1])
-            token = torch.argmax(flat, dim=-1, keepdim=True)
+            token = torch.argmax(_without(flat, mask_id), dim=-1, keepdim=True)  # deliberate difference (above)
             token_prob = torch.gather(torch.softmax(flat, dim=-1), -1, token)
             x0, x0_p = token.view(1, block_length), token_prob.view(1, block_length)
             mask_transfer_index = torch.zeros_like(x0, dtype=torch.bool)
@@ -449,6 +461,69 @@ def reference_generate_llada21(logits_fn, inputs, gen_length, block_length, thre
                 eos_positions = (generated_part == eos_id).nonzero(as_tuple=True)[0]
                 if len(eos_positions) > 0:
                     break
+    generated_answer = x[:, : prompt_length + gen_length]
+    mask_positions = (generated_answer[0][input_ids.shape[1] :] == eos_id).nonzero(as_tuple=True)[0]
+    if len(mask_positions) > 0:
+        first_mask_position = mask_positions[0].item()
+    else:
+        first_mask_position = gen_length
+    return generated_answer[:, input_ids.shape[1] : input_ids.shape[1] + first_mask_position + 1]
+
+
+# ----------------------------------------------------------------------------------------
+# LLaDA2.0's / dMoE's sampler, transcribed from `LLaDA2MoeModelLM.generate` of dMoE's
+# modeling code (the LLaDA2.0 hub loop plus a prefix KV cache), op by op, for batch 1
+# (`eos_early_stop` left out). The cache only saves recomputing the finished prefix, which
+# block-causal attention leaves unchanged, so `logits_fn(x)` (the logits [1, len(x), V] of
+# a block-causal forward over x) stands in for it. Greedy decoding is the temperature-0
+# branch of LLaDA2.1's `_sample_with_temperature_topk_topp` (argmax, and the confidence
+# from the softmax over the full vocabulary): dMoE's and LLaDA2.0's samplers have no such
+# branch and sample at temperature 1 when asked for 0. As published, a position whose
+# argmax is the mask token "commits" it (it stays masked); `best_non_mask=True` applies
+# diffusion-moe's rule instead: the best non-mask token, with its full-softmax probability.
+
+
+def reference_generate_llada20(logits_fn, inputs, gen_length, block_length, steps, threshold, mask_id, eos_id,
+                               minimal_topk=1, best_non_mask=False):
+    steps = min(steps, gen_length // minimal_topk)
+    input_ids = inputs
+    prompt_length = input_ids.shape[1]
+    num_blocks = (prompt_length + gen_length + block_length - 1) // block_length
+    total_length = num_blocks * block_length
+    x = torch.full((1, total_length), mask_id, dtype=torch.long)
+    x[:, :prompt_length] = input_ids.clone()
+    prefill_blocks = prompt_length // block_length
+    base, remainder = divmod(block_length, steps)
+    num_transfer_tokens_schedule = torch.full((steps,), base, dtype=torch.int64)
+    num_transfer_tokens_schedule[:remainder] += 1
+    for num_block in range(prefill_blocks, num_blocks):
+        prefix_end = num_block * block_length
+        current_window_end = (num_block + 1) * block_length
+        cur_block_x = x[:, prefix_end:current_window_end]  # a view: writes go into x
+        for step in range(steps):
+            active_block_mask = cur_block_x == mask_id
+            if active_block_mask.sum() == 0:
+                break
+            logits = logits_fn(x[:, :current_window_end])[:, -block_length:, :]
+            # _sample_with_temperature_topk_topp at temperature 0
+            flat = logits.reshape(-1, logits.shape[-1])
+            token = torch.argmax(_without(flat, mask_id) if best_non_mask else flat, dim=-1, keepdim=True)
+            token_prob = torch.gather(torch.softmax(flat.float(), dim=-1), -1, token)
+            x0, x0_p = token.view(1, block_length), token_prob.view(1, block_length)
+            num_to_transfer = num_transfer_tokens_schedule[step].item()
+            transfer_index = torch.zeros_like(x0, dtype=torch.bool)
+            confidence = torch.where(active_block_mask, x0_p, -torch.inf)
+            high_conf_mask = confidence[0] > threshold
+            num_high_confidence = high_conf_mask.sum().item()
+            if num_high_confidence >= num_to_transfer:
+                transfer_index[0] = high_conf_mask
+            else:
+                _, idx = torch.topk(confidence[0], k=min(num_to_transfer, active_block_mask.sum().item()))
+                transfer_index[0, idx] = True
+            if transfer_index.any():
+                cur_block_x[transfer_index] = x0[transfer_index]
+        if eos_id is not None and (x[0, prompt_length:current_window_end] == eos_id).any():
+            break
     generated_answer = x[:, : prompt_length + gen_length]
     mask_positions = (generated_answer[0][input_ids.shape[1] :] == eos_id).nonzero(as_tuple=True)[0]
     if len(mask_positions) > 0:

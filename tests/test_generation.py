@@ -71,8 +71,9 @@ def reference_generate(model, ids, max_new_tokens, block_length, steps, threshol
             if not masked.any():
                 break
             logits = model(x[:, :end]).logits[0, -block_length:].float()
-            logits[:, MASK] = float("-inf")  # the mask token is never predicted
-            confidence, predicted = logits.softmax(-1).max(-1)
+            probs = logits.softmax(-1)  # over the full vocabulary, as LLaDA2's / dMoE's generate
+            predicted = logits.index_fill(-1, torch.tensor([MASK]), float("-inf")).argmax(-1)  # never the mask token
+            confidence = probs.gather(-1, predicted.unsqueeze(-1)).squeeze(-1)  # its full-softmax probability
             confidence = torch.where(masked, confidence, torch.tensor(float("-inf")))
             if threshold is not None and (confidence > threshold).sum() >= q:
                 commit = confidence > threshold
