@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 TORCH := torch==2.13.0
 
-.PHONY: test test-latest test-min demo bench lock clean
+.PHONY: test test-latest test-min demo bench lock clean mutate
 
 $(STAMP): requirements/lock.txt setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -53,6 +53,24 @@ lock: test-latest
 	.venv-latest/bin/python -m pip freeze --exclude-editable | sed 's/^torch==2.13.0+cpu$$/torch==2.13.0/' \
 		>> requirements/lock.new
 	mv requirements/lock.new requirements/lock.txt
+
+# Mutation testing (README, "Tests") of the routing, loss and denoising modules with the fast tests
+# that cover them (setup.cfg's [mutmut]). mutmut 3 imports the mutated code from mutants/src (or
+# mutants/) and names modules by their path, so the repository-root-is-the-package layout cannot
+# be mutated in place: this stages a copy as src/diffusion_moe/ + tests/ in $(MUTATE_DIR) (the
+# working tree's files, mtimes kept) and runs mutmut there. Results are cached in
+# $(MUTATE_DIR)/mutants, so a rerun (or `make mutate MUTANTS='diffusion_moe.generation.*'`) resumes;
+# `rm -rf $(MUTATE_DIR)` starts over. `cd $(MUTATE_DIR) && mutmut show NAME` prints a mutant.
+MUTATE_DIR ?= build/mutate
+MUTATE_JOBS ?= 2
+MUTANTS ?=
+mutate: $(STAMP)
+	mkdir -p $(MUTATE_DIR)/src/diffusion_moe
+	git ls-files -co --exclude-standard -- . ':!:tests' | while read -r f; do test -e "$$f" && echo "$$f"; done \
+		| tar -cf - -T - | tar -xf - -C $(MUTATE_DIR)/src/diffusion_moe
+	rm -rf $(MUTATE_DIR)/tests && cp -rp tests setup.cfg $(MUTATE_DIR)/
+	cd $(MUTATE_DIR) && OMP_NUM_THREADS=1 $(CURDIR)/$(VENV)/bin/mutmut run --max-children $(MUTATE_JOBS) $(MUTANTS)
+	cd $(MUTATE_DIR) && $(CURDIR)/$(VENV)/bin/mutmut results
 
 clean:
 	rm -rf $(VENV) .venv-latest .venv-min build *.egg-info .pytest_cache .hypothesis

@@ -350,7 +350,9 @@ def expert_choice(logits: torch.Tensor, inputs: RoutingContext, config) -> Exper
     capacity, c_max = inputs.expert_choice_capacity  # [G], int
     grouped_logits = groups.scatter(logits, float("-inf"))  # [G, S, E]
     masked = grouped_logits.masked_fill(~grouped_real.unsqueeze(-1), float("-inf")).transpose(1, 2)  # [G, E, S]
-    slots = masked.topk(c_max, dim=-1).indices  # [G, E, C]
+    # a stable sort, not topk: tied logits (identical tokens) go to the earlier token whatever the
+    # group's padded length S, so batched, cached and uncached runs choose alike
+    slots = masked.sort(dim=-1, descending=True, stable=True).indices[..., :c_max].contiguous()  # [G, E, C]
     slot_used = torch.arange(c_max, device=logits.device).view(1, 1, c_max) < capacity.view(-1, 1, 1)
     slot_used = slot_used.expand_as(slots)
     chosen = torch.zeros_like(masked, dtype=torch.bool).scatter_(-1, slots, slot_used).transpose(1, 2)

@@ -1,0 +1,417 @@
+"""Behaviour tests written against mutants that survived the rest of the suite (`make mutate`,
+README "Tests"): each asserts numbers or an invariant that a plausible wrong implementation breaks."""
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from conftest import tiny_config
+from test_generation import MASK, left_pad, prompt, tiny_model
+from test_routing import left_padded, make_router, route
+
+from diffusion_moe.generation import DiffusionGenerationConfig
+from diffusion_moe.generation.block_runners import DualCacheRunner, FullRunner, PrefixCacheRunner
+from diffusion_moe.generation.denoising import MaskFilling, predict
+from diffusion_moe.modeling import diffusion_loss
+from diffusion_moe.modeling.diffusion_loss import chunked_cross_entropy, diffusion_loss_weights
+from diffusion_moe.modeling.routing import TokenRouting, load_balancing_loss, z_loss
+from diffusion_moe.modeling.routing_groups import GroupedView
+
+# --- remasking scores -------------------------------------------------------------------------
+
+# Three block positions whose order differs under each rule: position 0 is the most confident
+# (top-1 .60), position 1 has the largest top1 - top2 gap (.30), position 2 the lowest entropy.
+PROBS = torch.tensor([[[0.60, 0.35, 0.03, 0.02], [0.50, 0.10, 0.20, 0.20], [0.55, 0.44, 0.005, 0.005]]])
+HAND = {
+    "low_confidence": [0.60, 0.50, 0.55],
+    "margin": [0.25, 0.30, 0.11],
+    "entropy": [math.exp(sum(p * math.log(p) for p in row)) for row in PROBS[0].tolist()],
+}
+FIRST = {"low_confidence": 0, "margin": 1, "entropy": 2}
+
+
+@pytest.mark.parametrize("remasking", ["low_confidence", "margin", "entropy"])
+def test_remasking_scores_match_a_hand_computation(remasking):
+    tokens, scores = predict(PROBS.log(), True, remasking)
+    assert tokens.tolist() == [[0, 0, 0]]
+    torch.testing.assert_close(scores, torch.tensor([HAND[remasking]]), rtol=1e-5, atol=1e-6)
+    assert int(scores.argmax()) == FIRST[remasking]
+
+
+@pytest.mark.parametrize("remasking", ["low_confidence", "margin", "entropy"])
+def test_each_remasking_rule_commits_its_own_best_position_first(remasking):
+    config = DiffusionGenerationConfig(block_length=3, steps=3, mask_token_id=9)
+    rule = MaskFilling(config, mask_token_id=9)
+    block = torch.full((1, 3), 9)
+    assert not rule.start_block(block, torch.ones(1, 3, dtype=torch.bool)).any()
+    tokens, scores = predict(PROBS.log(), True, remasking)
+    block, done = rule.update(block, tokens, scores)
+    expected = [9, 9, 9]
+    expected[FIRST[remasking]] = 0
+    assert block.tolist() == [expected] and not done.any()
+
+
+def test_random_remasking_scores_are_uniform_draws():
+    torch.manual_seed(0)
+    _, scores = predict(torch.zeros(2, 500, 4), True, "random")
+    assert scores.shape == (2, 500) and ((scores >= 0) & (scores < 1)).all()
+    assert abs(scores.mean().item() - 0.5) < 0.05 and scores.std().item() > 0.25  # not constant, not a score
+
+
+def test_sampled_tokens_follow_the_softmax():
+    torch.manual_seed(0)
+    scores = torch.tensor([[[0.0, math.log(3.0), -float("inf"), 0.0]]]).expand(1, 4000, 4)
+    tokens, confidence = predict(scores, False, "low_confidence")
+    counts = torch.bincount(tokens.flatten(), minlength=4).float() / tokens.numel()
+    torch.testing.assert_close(counts, torch.tensor([0.2, 0.6, 0.0, 0.2]), atol=0.03, rtol=0)
+    expected = torch.tensor([0.2, 0.6, 0.0, 0.2])[tokens]
+    torch.testing.assert_close(confidence, expected)  # each sample's own probability
+
+
+# --- approximate caches at later steps (steps > 1) ----------------------------------------------
+
+
+def canvas(answer=12):
+    ids, mask = left_pad([prompt(3, 1), prompt(7, 2)])  # left padding: positions differ per row
+    B, P = ids.shape
+    x = torch.cat([ids, torch.full((B, answer), MASK)], 1)
+    real = torch.cat([mask.bool(), torch.ones(B, answer, dtype=torch.bool)], 1)
+    return x, real, P
+
+
+@pytest.mark.parametrize("runner_class", [PrefixCacheRunner, DualCacheRunner])
+def test_approximate_cache_steps_equal_the_full_forward_while_the_canvas_is_unchanged(runner_class):
+    # the cached keys/values are then exactly the current ones: a later step must reproduce the
+    # block's full-forward logits (it would not with wrong positions, masks or key order)
+    model = tiny_model(layout="bidirectional")
+    x, real, P = canvas()
+    s, e = P + 4, P + 8  # a middle block: a prefix and a suffix
+    runner, full = runner_class(model, x, real, False), FullRunner(model, x, real, False)
+    expected = full.block_logits(s, e)[0]
+    for step in range(3):
+        got = runner.block_logits(s, e)[0]
+        torch.testing.assert_close(got, expected, rtol=1e-4, atol=1e-4, msg=f"step {step}")
+
+
+@pytest.mark.parametrize("runner_class", [PrefixCacheRunner, DualCacheRunner])
+def test_one_layer_approximate_caches_are_exact_after_commits(runner_class):
+    # with one layer the prefix's and suffix's keys/values depend on their own tokens only, so
+    # after the block changes a cached step still equals the full forward of the new canvas
+    model = tiny_model(layout="bidirectional", num_hidden_layers=1)
+    x, real, P = canvas()
+    s, e = P + 4, P + 8
+    runner, full = runner_class(model, x, real, False), FullRunner(model, x, real, False)
+    first = runner.block_logits(s, e)[0]
+    x[:, s : s + 2] = torch.tensor([[5, 6], [7, 8]])  # commits (in place, as generate does)
+    second = runner.block_logits(s, e)[0]
+    torch.testing.assert_close(second, full.block_logits(s, e)[0], rtol=1e-4, atol=1e-4)
+    assert not torch.allclose(second, first, atol=1e-3)  # the step did see the commits
+    # the next block starts afresh (a full forward) and its own later steps are exact again
+    x[:, s:e] = 11
+    for _ in range(2):
+        torch.testing.assert_close(runner.block_logits(e, e + 4)[0], full.block_logits(e, e + 4)[0], rtol=1e-4,
+                                   atol=1e-4)
+
+
+def test_dual_cache_generate_with_several_steps_equals_full_for_one_layer():
+    model = tiny_model(layout="bidirectional", num_hidden_layers=1)
+    ids, mask = left_pad([prompt(3, 1), prompt(7, 2)])
+    settings = dict(max_new_tokens=8, block_length=4, steps=4, eos_token_id=None)
+    full = model.generate(ids, mask, **settings)
+    for cache in ("prefix", "dual"):
+        assert torch.equal(model.generate(ids, mask, **settings, approximate_cache=cache), full), cache
+
+
+# --- router losses ------------------------------------------------------------------------------
+
+
+def hand_routing(probs, index, weights):
+    probs = torch.tensor(probs).unsqueeze(0)
+    B, L, E = probs.shape
+    return TokenRouting(router_logits=probs.log(), expert_index=torch.tensor(index),
+                        expert_weights=torch.tensor(weights), router_probs=probs)
+
+
+def test_load_balancing_loss_matches_a_hand_computation_where_f_and_p_differ():
+    # four tokens (the third is padding), E = 4, k = 2 with dropped (weight 0) assignments
+    decision = hand_routing(
+        [[0.7, 0.1, 0.1, 0.1], [0.1, 0.6, 0.2, 0.1], [0.25, 0.25, 0.25, 0.25], [0.4, 0.1, 0.1, 0.4]],
+        [[0, 1], [1, 2], [3, 0], [2, 3]],
+        [[0.8, 0.2], [0.7, 0.0], [0.5, 0.5], [0.6, 0.4]],
+    )
+    padding = torch.tensor([[True, True, False, True]])
+    # assignments of real tokens: 0, 1 | 1 | 2, 3 -> f = [1, 2, 1, 1] / 5
+    f = torch.tensor([1, 2, 1, 1]) / 5
+    p = torch.tensor([0.7 + 0.1 + 0.4, 0.1 + 0.6 + 0.1, 0.1 + 0.2 + 0.1, 0.1 + 0.1 + 0.4]) / 3
+    expected = 4 * (f * p).sum()
+    assert expected.item() == pytest.approx(4 * (1.2 + 1.6 + 0.4 + 0.6) / 15)
+    loss = load_balancing_loss(decision, padding)
+    assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
+    assert loss.item() != pytest.approx(4 * (p * p).sum().item(), rel=1e-3)  # P_e in place of f_e
+    assert loss.item() != pytest.approx(4 * (f * f).sum().item(), rel=1e-3)
+
+
+def test_load_balancing_loss_normalises_sigmoid_scores_per_token():
+    sigmoid = [[0.9, 0.3, 0.3, 0.5], [0.2, 0.2, 0.8, 0.8]]  # rows sum to 2.0 and 2.0
+    decision = hand_routing(sigmoid, [[0], [2]], [[1.0], [1.0]])
+    loss = load_balancing_loss(decision, torch.ones(1, 2, dtype=torch.bool))
+    p = (torch.tensor(sigmoid) / 2.0).mean(0)
+    f = torch.tensor([0.5, 0.0, 0.5, 0.0])
+    assert loss.item() == pytest.approx((4 * (f * p).sum()).item(), rel=1e-6)
+
+
+def test_z_loss_is_the_mean_squared_logsumexp_over_real_tokens():
+    logits = torch.tensor([[[1.0, 2.0, 3.0], [0.0, 0.0, 0.0], [5.0, -1.0, 2.0]]])
+    decision = TokenRouting(router_logits=logits, expert_index=torch.zeros(3, 1, dtype=torch.long),
+                            expert_weights=torch.ones(3, 1), router_probs=logits.softmax(-1))
+    lse = [math.log(sum(math.exp(v) for v in row)) for row in logits[0].tolist()]
+    padding = torch.tensor([[True, False, True]])
+    assert z_loss(decision, padding).item() == pytest.approx((lse[0] ** 2 + lse[2] ** 2) / 2, rel=1e-6)
+
+
+def test_the_models_aux_loss_is_the_layer_mean_of_the_switch_loss_by_hand():
+    from diffusion_moe import DiffusionMoeForMaskedLM
+
+    model = DiffusionMoeForMaskedLM(tiny_config(router_aux_loss_coef=0.5, router_z_loss_coef=0.1)).train()
+    seen = []
+    for layer in model.model.layers:
+        layer.mlp.gate.register_forward_hook(lambda m, args, out: seen.append(out))
+    ids = torch.randint(1, 63, (2, 8))
+    padding = torch.tensor([[0, 0, 1, 1, 1, 1, 1, 1], [1] * 8])
+    labels = torch.where(padding.bool(), ids, -100)
+    out = model(ids.masked_fill(padding.bool(), 63), attention_mask=padding, labels=labels)
+    real = padding.bool()
+    aux, z = [], []
+    for flat_logits, decision in seen:
+        probs = flat_logits.view(2, 8, 8).softmax(-1)[real]  # [real tokens, E]
+        index = decision.expert_index.view(2, 8, -1)[real]
+        f = torch.bincount(index.flatten(), minlength=8).float() / index.numel()
+        aux.append(8 * (f * probs.mean(0)).sum())
+        z.append(flat_logits.view(2, 8, 8).logsumexp(-1)[real].square().mean())
+    assert out.aux_loss.item() == pytest.approx(sum(aux).item() / len(aux), rel=1e-5)
+    assert out.z_loss.item() == pytest.approx(sum(z).item() / len(z), rel=1e-5)
+    expected = out.diffusion_loss + 0.5 * out.aux_loss + 0.1 * out.z_loss
+    assert out.loss.item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+# --- expert choice under ties -------------------------------------------------------------------
+
+
+def test_expert_choice_breaks_ties_alike_whatever_the_group_layout():
+    # two identical tokens in the second attention block tie for every expert; the left-padded
+    # copy lays that block out in a longer group row, which must not change who is chosen
+    router = make_router(router_type="expert_choice", attention_layout="block_causal", block_size=4)
+    hidden = torch.randn(1, 8, 32)
+    hidden[0, 6] = hidden[0, 7]
+    _, alone = route(router, torch.ones(1, 8, dtype=torch.bool), hidden=hidden)
+    _, padded = route(router, left_padded([8], 12), hidden=torch.cat([torch.randn(1, 4, 32), hidden], 1))
+    assert torch.equal(padded.expert_mask[:, 4:], alone.expert_mask)
+    assert alone.expert_mask[0, 6].any() and not alone.expert_mask[0, 7].any()  # the earlier token wins
+
+
+# --- the loss's weights and its chunked cross-entropy ----------------------------------------------
+
+LABELS = torch.tensor([[-100, 5, 7, -100], [-100, -100, -100, 3]])
+PADDING = torch.tensor([[True, True, True, True], [False, True, True, True]])  # real: 4 and 3; labelled: 2 and 1
+
+
+@pytest.mark.parametrize(
+    "weighting, kwargs, row0, row1",
+    [
+        ("elbo", {}, 1 / (2 / 4 * 7), 1 / (1 / 3 * 7)),  # realised ratios 1/2, 1/3; 7 real tokens
+        ("elbo", {"noise_level": torch.tensor([0.25, 0.75])}, 1 / (0.25 * 7), 1 / (0.75 * 7)),
+        ("elbo", {"num_items_in_batch": 10}, 1 / (2 / 4 * 10), 1 / (1 / 3 * 10)),
+        ("none", {}, 1 / 3, 1 / 3),
+        ("none", {"num_items_in_batch": 17}, 1 / 17, 1 / 17),
+    ],
+)
+def test_diffusion_loss_weights_match_a_hand_computation(weighting, kwargs, row0, row1):
+    weights = diffusion_loss_weights(LABELS, PADDING, weighting=weighting, dtype=torch.float64, **kwargs)
+    expected = torch.tensor([[0, row0, row0, 0], [0, 0, 0, row1]], dtype=torch.float64)
+    assert weights.dtype == torch.float64
+    torch.testing.assert_close(weights, expected, rtol=1e-12, atol=0)
+
+
+def test_diffusion_loss_weights_of_a_single_token():
+    one = torch.tensor([[4]]), torch.tensor([[True]])
+    assert diffusion_loss_weights(*one, weighting="none").tolist() == [[1.0]]
+    assert diffusion_loss_weights(*one, weighting="elbo").tolist() == [[1.0]]  # t = 1, one real token
+    nothing = torch.tensor([[-100, -100]]), torch.tensor([[False, False]])
+    assert diffusion_loss_weights(*nothing, weighting="elbo").tolist() == [[0.0, 0.0]]
+
+
+def chunk_case(dtype=torch.float32, hidden_grad=True, head_grad=True):
+    torch.manual_seed(0)
+    head = torch.nn.Linear(8, 10, bias=False).to(dtype).requires_grad_(head_grad)
+    hidden = torch.randn(7, 8, dtype=dtype).requires_grad_(hidden_grad)
+    return head, hidden, torch.randint(0, 10, (7,)), torch.rand(7, dtype=torch.float64)
+
+
+def test_chunked_cross_entropy_runs_chunks_of_the_budgeted_rows():
+    head, hidden, targets, weights = chunk_case()
+    rows = []
+    head.register_forward_hook(lambda m, args, out: rows.append(args[0].shape[0]))
+    expected = (F.cross_entropy(head(hidden), targets, reduction="none") * weights.float()).sum()
+    rows.clear()
+    total = chunked_cross_entropy(hidden, head, targets, weights, vocab_size=10, chunk_bytes=3 * 4 * 10)
+    assert rows == [0, 3, 3, 1]  # the empty call keeps the head in the graph, then 3 rows of fp32 logits a chunk
+    assert total.dtype == torch.float32
+    torch.testing.assert_close(total, expected)
+    rows.clear()
+    chunked_cross_entropy(hidden, head, targets, weights, vocab_size=10, chunk_bytes=10)  # less than a row
+    assert rows == [0] + [1] * 7
+
+
+def test_chunked_cross_entropy_upcasts_a_low_precision_head():
+    head, hidden, targets, weights = chunk_case(torch.bfloat16)
+    total = chunked_cross_entropy(hidden, head, targets, weights, vocab_size=10, chunk_bytes=3 * 4 * 10)
+    assert total.dtype == torch.float32
+    expected = (F.cross_entropy(head(hidden).float(), targets, reduction="none") * weights.float()).sum()
+    torch.testing.assert_close(total, expected)
+
+
+@pytest.mark.parametrize("hidden_grad, head_grad", [(True, True), (True, False), (False, True)])
+def test_chunked_cross_entropy_checkpoints_exactly_when_a_gradient_is_needed(hidden_grad, head_grad, monkeypatch):
+    calls = []
+    real_checkpoint = diffusion_loss.checkpoint
+
+    def counting(*args, **kwargs):
+        calls.append(kwargs.get("use_reentrant"))
+        return real_checkpoint(*args, **kwargs)
+
+    monkeypatch.setattr(diffusion_loss, "checkpoint", counting)
+    head, hidden, targets, weights = chunk_case(hidden_grad=hidden_grad, head_grad=head_grad)
+    total = chunked_cross_entropy(hidden, head, targets, weights, vocab_size=10, chunk_bytes=3 * 4 * 10)
+    assert calls == [False] * 3  # one non-reentrant checkpoint per chunk
+    total.backward()
+    leaves = [t for t in (head.weight, hidden) if t.requires_grad]
+    grads = [t.grad.clone() for t in leaves]
+    for t in leaves:
+        t.grad = None
+    (F.cross_entropy(head(hidden), targets, reduction="none") * weights.float()).sum().backward()
+    for got, t in zip(grads, leaves):
+        torch.testing.assert_close(got, t.grad)  # the recomputed chunks give the full gradients
+    calls.clear()
+    with torch.no_grad():
+        chunked_cross_entropy(hidden, head, targets, weights, vocab_size=10, chunk_bytes=3 * 4 * 10)
+    head.requires_grad_(False)
+    chunked_cross_entropy(hidden.detach(), head, targets, weights, vocab_size=10, chunk_bytes=3 * 4 * 10)
+    assert calls == []  # nothing to differentiate: no checkpointing
+
+
+# --- static shapes, eagerly ------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("router", ["token_choice", "expert_choice", "block"])
+def test_eager_static_shapes_give_the_dynamic_cache_tokens_and_stats(router):
+    model = tiny_model(router=router, seed=3)
+    ids, mask = left_pad([prompt(9, 2), prompt(13, 3)])  # a prefill of several blocks, padded rows
+    settings = dict(max_new_tokens=10, block_length=4, steps=2, threshold=0.3, return_dict_in_generate=True)
+    dynamic = model.generate(ids, mask, **settings)
+    static = model.generate(ids, mask, **settings, cache_implementation="static", disable_compile=True)
+    assert torch.equal(static.sequences, dynamic.sequences)
+    assert static.num_forward_passes == dynamic.num_forward_passes
+    assert static.router_stats["unique_experts_per_forward"] == dynamic.router_stats["unique_experts_per_forward"]
+
+
+def test_new_static_cache_follows_the_model_dtype():
+    from diffusion_moe.generation.block_runners import new_static_cache
+
+    model = tiny_model().double()
+    cache = new_static_cache(model, 2, 16)
+    assert all(layer.keys.dtype == torch.float64 and layer.keys.shape == (2, 2, 16, 8) for layer in cache.layers)
+
+
+def test_aligned_groups_without_a_chunk_are_whole_rows():
+    view = GroupedView.aligned(2, 8, None, torch.device("cpu"))
+    assert (view.groups_per_sequence, view.size, view.identity) == (1, 8, True)
+    blocks = GroupedView.aligned(2, 8, 4, torch.device("cpu"))
+    assert (blocks.groups_per_sequence, blocks.size) == (2, 4)
+    x = torch.arange(16).view(2, 8)
+    assert blocks.scatter(x, -1).tolist() == [[0, 1, 2, 3], [4, 5, 6, 7], [8, 9, 10, 11], [12, 13, 14, 15]]
+
+
+def test_the_static_runner_builds_one_mask_per_block_and_refuses_a_reused_cache():
+    from diffusion_moe.generation.block_runners import StaticCacheRunner, static_block_step
+    from diffusion_moe.generation.generation_utils import _block_causal_layout
+
+    model = tiny_model(seed=3)
+    ids, mask = left_pad([prompt(3, 2), prompt(2, 3)])  # shorter than a block: nothing to prefill
+    x, real, _, _, _, blocks = _block_causal_layout(ids, mask.bool(), model.generation_config, 6)
+    (s, e) = blocks[0]
+    assert s == 0
+    runner = StaticCacheRunner(model, x, real, False, static_block_step)
+    with pytest.raises(ValueError, match=r"^`cache` cannot be reused with cache_implementation='static'\.$"):
+        runner.prefill(s, reused=(None, 0))
+    built = []
+    real_mask = runner._block_mask
+    runner._block_mask = lambda a, b: built.append((a, b)) or real_mask(a, b)
+    with torch.no_grad():
+        runner.prefill(s)
+        first = runner.block_logits(s, e)[0]
+        assert torch.equal(runner.block_logits(s, e)[0], first)  # a step rewrites its block's slots
+    assert built == [(s, e)]  # once per block, not once per step
+
+
+# --- routing groups and capacity schedules -----------------------------------------------------------
+
+
+def test_grouped_view_lays_groups_out_as_rows_of_the_longest_group():
+    group_ids = torch.tensor([[0, 0, 1, 1, 1], [0, 1, 1, 2, 2]])
+    view = GroupedView(group_ids)
+    assert (view.groups_per_sequence, view.size, view.identity) == (3, 3, False)
+    assert view.slot.tolist() == [[0, 1, 0, 1, 2], [0, 0, 1, 0, 1]]
+    assert view.sequence_of_group.tolist() == [0, 0, 0, 1, 1, 1]
+    # row 0 has two groups, so its third row is all fill; unused slots of flat_index hold 0
+    assert view.flat_index.tolist() == [[0, 1, 0], [2, 3, 4], [0, 0, 0], [5, 0, 0], [6, 7, 0], [8, 9, 0]]
+    x = torch.arange(10).view(2, 5) + 1
+    assert view.scatter(x, -1).tolist() == [[1, 2, -1], [3, 4, 5], [-1, -1, -1], [6, -1, -1], [7, 8, -1], [9, 10, -1]]
+    assert torch.equal(view.gather(view.scatter(x, -1)), x)
+    assert view.per_sequence_sum(torch.tensor([1, 2, 4, 8, 16, 32])).tolist() == [7, 56]
+    one = GroupedView(torch.zeros(2, 5, dtype=torch.long))
+    assert one.identity and one.scatter(x, -1) is x and one.gather(x) is x  # one group per sequence costs nothing
+
+
+def test_schedules_clamp_out_of_range_ratios_before_the_schedule():
+    # cosine is not monotone outside [0, 1]: (1 - cos(1.5 pi)) / 2 = 0.5 would give the middle k
+    from diffusion_moe.modeling.capacity_schedules import scheduled_experts
+
+    config = tiny_config(router_type="expert_choice", capacity_schedule="cosine", capacity_min=1, capacity_max=5)
+    assert scheduled_experts(config, torch.tensor([-0.5, 0.0, 1.0, 1.5])).tolist() == [1, 1, 5, 5]
+
+
+def test_the_bell_gaussian_schedule_function_is_its_formula():
+    from diffusion_moe.modeling.capacity_schedules import SCHEDULE_FUNCTIONS
+
+    sigma = 0.22
+    a = math.exp(-1 / (8 * sigma**2))
+    r = torch.tensor([0.0, 0.1, 0.25, 0.4, 0.5, 0.9, 1.0], dtype=torch.float64)
+    expected = [(math.exp(-((v - 0.5) ** 2) / (2 * sigma**2)) - a) / (1 - a) for v in r.tolist()]
+    got = SCHEDULE_FUNCTIONS["bell_gaussian"](r, sigma)
+    torch.testing.assert_close(got, torch.tensor(expected, dtype=torch.float64), rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(SCHEDULE_FUNCTIONS["bell_gaussian_reverse"](r, sigma), 1 - got)
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_generate_projects_only_the_blocks_positions_onto_the_vocabulary(use_cache):
+    model = tiny_model(seed=3)
+    ids, mask = left_pad([prompt(9, 2), prompt(13, 3)])  # two prompt blocks to prefill, padded rows
+    widths = []
+    model.lm_head.register_forward_hook(lambda m, args, out: widths.append(args[0].shape[1]))
+    out = model.generate(ids, mask, max_new_tokens=10, block_length=4, steps=2, use_cache=use_cache,
+                         return_dict_in_generate=True)
+    steps = [w for w in widths if w]
+    assert steps == [4] * out.num_forward_passes  # each denoising forward: the block's 4 positions
+    if use_cache:
+        assert len(widths) > len(steps)  # prefill / append forwards ran, projecting nothing
+
+
+def test_runners_pass_no_mask_when_nothing_is_padded():
+    model = tiny_model(layout="bidirectional")
+    x = torch.randint(0, 60, (2, 8))
+    assert FullRunner(model, x, torch.ones(2, 8, dtype=torch.bool), False)._mask() is None  # SDPA's fast path
+    real = torch.ones(2, 8, dtype=torch.bool)
+    real[0, 0] = False
+    assert torch.equal(FullRunner(model, x, real, False)._mask(6), real[:, :6])
