@@ -415,3 +415,73 @@ def test_runners_pass_no_mask_when_nothing_is_padded():
     real = torch.ones(2, 8, dtype=torch.bool)
     real[0, 0] = False
     assert torch.equal(FullRunner(model, x, real, False)._mask(6), real[:, :6])
+
+
+# --- token editing (LLaDA2.1), one step by hand ----------------------------------------------------
+
+
+def editing_rule(threshold=0.5, editing=0.6, block_length=4, steps=4, post=0):
+    from diffusion_moe.generation.denoising import TokenEditing
+
+    config = DiffusionGenerationConfig(block_length=block_length, steps=steps, threshold=threshold,
+                                       editing_threshold=editing, max_post_steps=post, mask_token_id=9)
+    return TokenEditing(config, mask_token_id=9)
+
+
+def test_token_editing_step_by_hand():
+    rule = editing_rule()  # num_to_transfer = 4 // 4 = 1
+    block = torch.tensor([[9, 9, 9, 5], [9, 9, 3, 4]])
+    over = rule.start_block(block, torch.tensor([[True] * 4, [True] * 4]))
+    assert over.tolist() == [False, False] and rule.max_steps == 4
+    assert rule.before_step(block).tolist() == [False, False]
+    tokens = torch.tensor([[1, 2, 7, 6], [1, 2, 8, 4]])
+    # row 0: masks at .5 (not above the threshold), .9, .7 -> two confident -> both; decided 5 -> 6 at .6 (not above)
+    # row 1: masks at .3, .2 -> none confident -> the best one; decided 3 -> 8 at .61 edits, 4 stays 4
+    confidence = torch.tensor([[0.5, 0.9, 0.7, 0.6], [0.3, 0.2, 0.61, 0.99]])
+    block, over = rule.update(block, tokens, confidence)
+    assert block.tolist() == [[9, 2, 7, 5], [1, 9, 8, 4]]
+    assert over.tolist() == [False, False]
+    # next step: row 0 commits its last mask; row 1 edits nothing and still has a mask
+    block, over = rule.update(block, torch.tensor([[1, 2, 7, 5], [1, 2, 8, 4]]), torch.full((2, 4), 0.1))
+    assert block.tolist() == [[1, 2, 7, 5], [1, 2, 8, 4]] and over.tolist() == [False, False]
+    # a step that starts without masks and edits nothing ends the block, per row
+    block, over = rule.update(block, torch.tensor([[1, 2, 7, 5], [1, 6, 8, 4]]), torch.full((2, 4), 0.9))
+    assert block.tolist() == [[1, 2, 7, 5], [1, 6, 8, 4]] and over.tolist() == [True, False]
+
+
+def test_token_editing_without_a_threshold_commits_the_quota_and_idles_finished_rows():
+    rule = editing_rule(threshold=None, block_length=4, steps=2)  # num_to_transfer 2, no confidence shortcut
+    block = torch.tensor([[9, 9, 9, 9], [5, 6, 7, 8]])
+    over = rule.start_block(block, torch.tensor([[True] * 4, [False] * 4]))  # row 1: nothing to decode
+    assert over.tolist() == [False, True]
+    tokens = torch.tensor([[1, 2, 3, 4], [0, 0, 0, 0]])
+    block, over = rule.update(block, tokens, torch.tensor([[0.99, 0.2, 0.98, 0.1], [1.0] * 4]))
+    assert block.tolist() == [[1, 9, 3, 9], [5, 6, 7, 8]] and over.tolist() == [False, True]
+
+
+def test_token_editing_post_steps_end_the_block():
+    rule = editing_rule(post=1)
+    block = torch.tensor([[1, 2, 3, 4], [9, 2, 3, 4]])
+    rule.start_block(block, torch.ones(2, 4, dtype=torch.bool))
+    assert rule.max_steps == 4 + 1
+    assert rule.before_step(block).tolist() == [False, False]  # row 0's first mask-free step
+    assert rule.post_steps.tolist() == [1, 0]
+    assert rule.before_step(block).tolist() == [True, False]  # its second one is past max_post_steps
+
+
+def test_mask_filling_commits_each_steps_quota_and_idles_rows_without_masks():
+    config = DiffusionGenerationConfig(block_length=8, steps=5, mask_token_id=9)
+    rule = MaskFilling(config, mask_token_id=9)
+    block = torch.full((2, 8), 9)
+    block[1] = torch.arange(8)  # row 1: nothing to decode
+    assert rule.start_block(block, torch.ones(2, 8, dtype=torch.bool)).tolist() == [False, True]
+    assert rule.max_steps == 5
+    confidence = torch.linspace(0.9, 0.1, 8).expand(2, 8)  # position 0 is always the most confident
+    commits, done = [], torch.tensor([False, False])
+    while not done[0]:
+        assert not rule.before_step(block).any()
+        before = int((block[0] == 9).sum())
+        block, done = rule.update(block, torch.full((2, 8), 3), confidence)
+        commits.append(before - int((block[0] == 9).sum()))
+    assert commits == [2, 2, 2, 1, 1]  # step_quota(8, 5), in order
+    assert block[0].tolist() == [3] * 8 and block[1].tolist() == list(range(8))
