@@ -154,12 +154,23 @@ def test_load_balancing_loss_matches_a_hand_computation_where_f_and_p_differ():
 
 
 def test_load_balancing_loss_normalises_sigmoid_scores_per_token():
-    sigmoid = [[0.9, 0.3, 0.3, 0.5], [0.2, 0.2, 0.8, 0.8]]  # rows sum to 2.0 and 2.0
+    sigmoid = [[0.9, 0.3, 0.3, 0.5], [0.1, 0.1, 0.2, 0.1]]  # rows sum to 2.0 and 0.5
     decision = hand_routing(sigmoid, [[0], [2]], [[1.0], [1.0]])
     loss = load_balancing_loss(decision, torch.ones(1, 2, dtype=torch.bool))
-    p = (torch.tensor(sigmoid) / 2.0).mean(0)
+    p = (torch.tensor(sigmoid) / torch.tensor([[2.0], [0.5]])).mean(0)
     f = torch.tensor([0.5, 0.0, 0.5, 0.0])
     assert loss.item() == pytest.approx((4 * (f * p).sum()).item(), rel=1e-6)
+
+
+def test_router_losses_of_a_single_real_token():
+    # one real token, one assignment: nothing to average, so E * f . P = E * P[chosen] and z = lse^2
+    decision = hand_routing([[0.25, 0.5, 0.125, 0.125], [0.7, 0.1, 0.1, 0.1]], [[1], [0]], [[1.0], [1.0]])
+    padding = torch.tensor([[True, False]])
+    assert load_balancing_loss(decision, padding).item() == pytest.approx(4 * 0.5)
+    lse = math.log(sum([0.25, 0.5, 0.125, 0.125]))  # logits = log(probs)
+    assert z_loss(decision, padding).item() == pytest.approx(lse**2, abs=1e-12)
+    decision.router_logits = decision.router_logits + 1.0
+    assert z_loss(decision, padding).item() == pytest.approx((lse + 1.0) ** 2)
 
 
 def test_z_loss_is_the_mean_squared_logsumexp_over_real_tokens():
@@ -436,10 +447,10 @@ def test_token_editing_step_by_hand():
     assert rule.before_step(block).tolist() == [False, False]
     tokens = torch.tensor([[1, 2, 7, 6], [1, 2, 8, 4]])
     # row 0: masks at .5 (not above the threshold), .9, .7 -> two confident -> both; decided 5 -> 6 at .6 (not above)
-    # row 1: masks at .3, .2 -> none confident -> the best one; decided 3 -> 8 at .61 edits, 4 stays 4
-    confidence = torch.tensor([[0.5, 0.9, 0.7, 0.6], [0.3, 0.2, 0.61, 0.99]])
+    # row 1: masks at .2, .3 -> none confident -> the best one; decided 3 -> 8 at .61 edits, 4 stays 4
+    confidence = torch.tensor([[0.5, 0.9, 0.7, 0.6], [0.2, 0.3, 0.61, 0.99]])
     block, over = rule.update(block, tokens, confidence)
-    assert block.tolist() == [[9, 2, 7, 5], [1, 9, 8, 4]]
+    assert block.tolist() == [[9, 2, 7, 5], [9, 2, 8, 4]]
     assert over.tolist() == [False, False]
     # next step: row 0 commits its last mask; row 1 edits nothing and still has a mask
     block, over = rule.update(block, torch.tensor([[1, 2, 7, 5], [1, 2, 8, 4]]), torch.full((2, 4), 0.1))
@@ -469,6 +480,15 @@ def test_token_editing_post_steps_end_the_block():
     assert rule.before_step(block).tolist() == [True, False]  # its second one is past max_post_steps
 
 
+def test_token_editing_ends_each_rows_block_on_its_own():
+    rule = editing_rule()
+    block = torch.tensor([[1, 2, 3, 4], [9, 2, 3, 4]])
+    rule.start_block(block, torch.ones(2, 4, dtype=torch.bool))
+    # row 0: no mask and no edit -> its block is over; row 1 commits its mask and goes on
+    block, over = rule.update(block, torch.tensor([[1, 2, 3, 4], [5, 2, 3, 4]]), torch.full((2, 4), 0.1))
+    assert block.tolist() == [[1, 2, 3, 4], [5, 2, 3, 4]] and over.tolist() == [True, False]
+
+
 def test_mask_filling_commits_each_steps_quota_and_idles_rows_without_masks():
     config = DiffusionGenerationConfig(block_length=8, steps=5, mask_token_id=9)
     rule = MaskFilling(config, mask_token_id=9)
@@ -485,3 +505,14 @@ def test_mask_filling_commits_each_steps_quota_and_idles_rows_without_masks():
         commits.append(before - int((block[0] == 9).sum()))
     assert commits == [2, 2, 2, 1, 1]  # step_quota(8, 5), in order
     assert block[0].tolist() == [3] * 8 and block[1].tolist() == list(range(8))
+
+
+def test_router_stats_report_no_drops_without_a_capacity():
+    from diffusion_moe.modeling.routing import router_stats
+
+    decision, stats = route(make_router(), left_padded([6, 3], 6))
+    assert isinstance(stats.dropped_fraction, torch.Tensor) and float(stats.dropped_fraction) == 0.0
+    assert stats.capacity is None and stats.experts_per_token.tolist() == [[2] * 6, [0, 0, 0, 2, 2, 2]]
+    capped = router_stats(route(make_router(capacity_factor=0.5), left_padded([6, 3], 6))[0], left_padded([6, 3], 6))
+    kept = capped.expert_mask.sum().item()
+    assert float(capped.dropped_fraction) == pytest.approx(1 - kept / (9 * 2))
