@@ -47,10 +47,10 @@ def select_commits(scores: torch.Tensor, candidates: torch.Tensor, quota: int, t
 
 def only_mask_left(scores: torch.Tensor, mask_token_id: int | None) -> torch.Tensor:
     """[B, W]: positions whose scores [B, W, V] leave no token but the mask token (every other at -inf)."""
-    others = scores.clone()
+    alive = ~torch.isneginf(scores)  # a bool pass: no copy of the [B, W, V] scores
     if mask_token_id is not None:
-        others[..., mask_token_id] = float("-inf")
-    return torch.isneginf(others).all(-1)
+        alive[..., mask_token_id] = False
+    return ~alive.any(-1)
 
 
 def predict(scores: torch.Tensor, greedy: bool, remasking: str = "low_confidence", mask_token_id: int | None = None,
@@ -86,8 +86,12 @@ def predict(scores: torch.Tensor, greedy: bool, remasking: str = "low_confidence
     scores = scores.float()
     probs = scores.softmax(-1)  # the full vocabulary: the references' confidences
     stuck = only_mask_left(scores, mask_token_id)
-    candidates = scores if fallback is None else torch.where(stuck.unsqueeze(-1), fallback.float(), scores)
-    candidates = candidates.masked_fill(only_mask_left(candidates, mask_token_id).unsqueeze(-1), 0.0)  # a new tensor
+    if fallback is None:
+        candidates, hopeless = scores.clone(), stuck  # a copy: the mask column is overwritten below
+    else:
+        candidates = torch.where(stuck.unsqueeze(-1), fallback.float(), scores)
+        hopeless = stuck & only_mask_left(fallback, mask_token_id)
+    candidates.masked_fill_(hopeless.unsqueeze(-1), 0.0)
     if mask_token_id is not None:
         candidates[..., mask_token_id] = float("-inf")
     if greedy:

@@ -48,6 +48,12 @@ def ec_scaling_factors(num_experts: int, num_shared_experts: int, num_samples: i
 
 
 @functools.lru_cache(maxsize=None)
+def ec_scaling_factors_on(num_experts: int, num_shared_experts: int, device: torch.device) -> torch.Tensor:
+    """`ec_scaling_factors` on `device`, copied there once (not in every MoE layer of every forward)."""
+    return ec_scaling_factors(num_experts, num_shared_experts).to(device)
+
+
+@functools.lru_cache(maxsize=None)
 def tc_scaling_factor(num_experts: int, top_k: int, num_shared_experts: int, score_function: str = "softmax",
                       renormalize: bool = True, num_samples: int = NUM_SAMPLES) -> float:
     """Token choice's constant gate multiplier for top-k of `score_function` scores."""

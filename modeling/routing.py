@@ -22,7 +22,7 @@ from torch import nn
 from transformers.utils import logging
 
 from .capacity_schedules import expert_capacity, scheduled_experts
-from .ec_dlm_scaling import ec_scaling_factors, tc_scaling_factor
+from .ec_dlm_scaling import ec_scaling_factors_on, tc_scaling_factor
 from .routing_groups import GroupedView, chunk_runs
 
 logger = logging.get_logger(__name__)
@@ -360,7 +360,7 @@ def expert_choice(logits: torch.Tensor, inputs: RoutingContext, config) -> Exper
     renormalize = bool(config.norm_topk_prob) and config.num_experts_per_tok > 1
     token_gates = normalized_weights(score(logits, config.router_score_function) * chosen, config, renormalize)
     if config.routed_scaling_mode == "ec_dlm":  # x EC-DLM's factor for the number of experts that chose the token
-        factors = ec_scaling_factors(config.num_experts, config.num_shared_experts).to(token_gates.device)
+        factors = ec_scaling_factors_on(config.num_experts, config.num_shared_experts, token_gates.device)
         token_gates = token_gates * factors[chosen.sum(-1)].unsqueeze(-1).to(token_gates.dtype)
     gates = groups.scatter(token_gates, 0.0).transpose(1, 2).gather(-1, slots) * slot_used  # [G, E, C]
     G = slots.shape[0]

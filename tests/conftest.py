@@ -41,6 +41,16 @@ def _seed():
     torch.manual_seed(0)
 
 
+@pytest.fixture(scope="module")
+def single_thread():
+    """For modules of tiny tensors (`pytestmark = pytest.mark.usefixtures("single_thread")`):
+    extra threads only contend (14x slower on a busy 2-core box)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(autouse=True)
 def _fresh_warning_once():
     """Transformers' `logger.warning_once` remembers messages process-wide; each test sees

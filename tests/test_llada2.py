@@ -41,13 +41,7 @@ from llada2_reference import (  # noqa: E402
 MASK, EOS = 157, 156
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """The tensors here are tiny: extra threads only contend (14x slower on a busy 2-core box)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def read_weights(folder) -> dict:

@@ -33,13 +33,7 @@ V, PAD, MASK = 8, 6, 7  # tokens 0..5; no EOS (generation runs to the end, so ev
 NO_EOS = -1  # the references' eos_id: a token never produced
 
 
-@pytest.fixture(autouse=True, scope="module")
-def single_thread():
-    """Tiny tensors: extra threads only contend on a busy machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_thread")
 
 
 def near_uniform_model(router, seed, mask_row="mean"):
