@@ -18,7 +18,8 @@ from transformers.models.qwen3_moe.modeling_qwen3_moe import Qwen3MoeSparseMoeBl
 
 from diffusion_moe import DiffusionMoeConfig
 from diffusion_moe.modeling.modeling_diffusion_moe import DiffusionMoeMLP, DiffusionMoeSparseMoeBlock
-from diffusion_moe.modeling.routing import RoutingContext
+from diffusion_moe.modeling.experts import EXPERT_CHOICE_STATIC
+from diffusion_moe.modeling.routing import routing_inputs_for
 
 
 def step_seconds(layer_call, params, x):
@@ -69,9 +70,10 @@ def main():
             hidden_size=H, num_experts=E, num_experts_per_tok=k, moe_intermediate_size=I,
             num_attention_heads=8, num_key_value_heads=8, **overrides,
         )
-        config._experts_implementation = "grouped_mm"
+        # what the model picks by default: expert choice's static-shape dispatch, Transformers' grouped_mm else
+        config._experts_implementation = EXPERT_CHOICE_STATIC if config.router_type == "expert_choice" else "grouped_mm"
         block = init_(DiffusionMoeSparseMoeBlock(config))
-        return (lambda h: block(h, RoutingContext(config, padding, positions))), list(block.parameters())
+        return (lambda h: block(h, routing_inputs_for(config, padding, positions))), list(block.parameters())
 
     rows = {}
     rows["TC dropless"] = ours(router_type="token_choice")

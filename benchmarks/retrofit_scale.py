@@ -28,7 +28,7 @@ import logging
 import torch
 
 from diffusion_moe import DiffusionMoeConfig, DiffusionMoeForMaskedLM
-from diffusion_moe.modeling.routing import RoutingContext
+from diffusion_moe.modeling.routing import routing_inputs_for
 
 
 def llada2_shaped(args, **overrides) -> DiffusionMoeConfig:
@@ -49,7 +49,7 @@ def routed_norms(model, blocks_inputs, positions):
     norms = []
     for layer, hidden in zip((l for l in model.model.layers if l.is_moe), blocks_inputs):
         padding = torch.ones(hidden.shape[:2], dtype=torch.bool)
-        context = RoutingContext(model.config, padding, positions)
+        context = routing_inputs_for(model.config, padding, positions)
         _, decision = layer.mlp.gate(hidden, context)
         norms.append(decision.dispatch(layer.mlp.experts, hidden).norm(dim=-1).mean().item())
     return norms

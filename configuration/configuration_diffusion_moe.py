@@ -62,7 +62,7 @@ _LOADING = contextvars.ContextVar("diffusion_moe_config_loading", default=None)
 # True while `from_dict` builds a config from a file's keys (checked there, not in `__init__`).
 _FROM_FILE = contextvars.ContextVar("diffusion_moe_config_from_file", default=False)
 
-ROUTER_TYPES = ("token_choice", "expert_choice", "block")
+ROUTER_TYPES = ("token_choice", "expert_choice", "block", "block_pool")
 ROUTER_SCORE_FUNCTIONS = ("softmax", "sigmoid")
 ROUTED_SCALING_MODES = ("constant", "ec_dlm")
 ATTENTION_LAYOUTS = ("bidirectional", "block_causal")
@@ -122,6 +122,7 @@ FIELD_TYPES = {
     "n_group": "?int>0",
     "topk_group": "?int>0",
     "capacity_factor": "?num>0",
+    "expert_capacity": "?int>0",
     "mask_token_id": "id",
     "pad_token_id": "id",
     "bos_token_id": "id",
@@ -218,7 +219,7 @@ def _derive(name, get):
     if name == "capacity_max":
         low = get("capacity_min")
         low = max(1, k // 2) if low is None else low
-        return min(2 * k - low, experts) if _is_int(low) else None
+        return min(max(2 * k - low, low), experts) if _is_int(low) else None  # never below capacity_min
     if name == "block_router_min_experts":
         return max(k, min(16, experts))
     raise KeyError(name)
@@ -260,7 +261,8 @@ class DiffusionMoeConfig(SavesRemoteCode, PretrainedConfig):
         attention_layout: `"bidirectional"` (full attention, LLaDA) or `"block_causal"`
             (bidirectional inside aligned blocks of `block_size`, causal across, LLaDA2).
     MoE fields (README, "Routing"):
-        router_type: `"token_choice"`, `"expert_choice"` or `"block"` (dMoE coreset routing).
+        router_type: `"token_choice"`, `"expert_choice"`, `"block"` (dMoE coreset routing) or
+            `"block_pool"` (LLaDA2.2's block expert pool).
         num_experts_per_tok: k; for expert choice the *average* experts per token.
         capacity_factor: token choice only; None = dropless, else each expert keeps at most
             ceil(L_real * k / E * capacity_factor) tokens per sequence (highest weights win).
@@ -269,9 +271,10 @@ class DiffusionMoeConfig(SavesRemoteCode, PretrainedConfig):
             attention block, so a block never depends on later ones). Expert choice: the
             capacity; token choice and block routing: each token's number of experts (a
             dynamic top-k). When not given, capacity_min and capacity_max default to
-            max(1, k // 2) and min(2k - capacity_min, num_experts), so the linear and cosine
-            schedules keep the average k (and FLOPs) equal to `num_experts_per_tok`
-            (unless 2k - capacity_min exceeds num_experts).
+            max(1, k // 2) and min(max(2k - capacity_min, capacity_min), num_experts), so the
+            linear and cosine schedules keep the average k (and FLOPs) equal to
+            `num_experts_per_tok` (unless 2k - capacity_min exceeds num_experts or falls below
+            capacity_min).
         n_group / topk_group: group-limited top-k (token choice and block routers; expert
             choice ignores groups because experts pick tokens).
         routed_scaling_mode: `"constant"` (gates x `routed_scaling_factor`) or `"ec_dlm"`
@@ -280,6 +283,9 @@ class DiffusionMoeConfig(SavesRemoteCode, PretrainedConfig):
             top-k constant; needs shared experts and `routed_scaling_factor=1.0`).
         block_router_*: dMoE coreset per aligned chunk of `block_router_size` tokens;
             `block_router_min_experts` defaults to max(k, min(16, num_experts)).
+        expert_capacity: `"block_pool"` only (LLaDA2.2's name): experts each aligned block of
+            `block_size` tokens admits, from k (capacity_max under a schedule) to num_experts;
+            no group-limited step inside the pool (n_group / topk_group are unused there).
         expert_bias_update_rate: step of the auxiliary-loss-free bias update (0 = off); the
             `expert_bias` buffer exists for every router so checkpoints stay swappable.
     Derived defaults (`DERIVED_FIELDS`: head_dim = hidden_size // num_attention_heads and the
@@ -339,6 +345,7 @@ class DiffusionMoeConfig(SavesRemoteCode, PretrainedConfig):
         block_router_size=32,
         block_router_top_p=0.6,
         block_router_min_experts=None,
+        expert_capacity=None,
         loss_weighting="elbo",
         pad_token_id=None,
         bos_token_id=None,
@@ -389,6 +396,7 @@ class DiffusionMoeConfig(SavesRemoteCode, PretrainedConfig):
         self.block_router_size = block_router_size
         self.block_router_top_p = block_router_top_p
         self.block_router_min_experts = block_router_min_experts
+        self.expert_capacity = expert_capacity
         self.loss_weighting = loss_weighting
         super().__init__(
             pad_token_id=pad_token_id,
@@ -659,6 +667,11 @@ class DiffusionMoeConfig(SavesRemoteCode, PretrainedConfig):
                 f"a divisor of block_size ({self.block_size}) for block-causal models, so that a coreset never "
                 "depends on a later attention block", self,
             )
+        if self.router_type == "block_pool":
+            most = k if self.capacity_schedule == "constant" else self.capacity_max
+            _require(isinstance(self.expert_capacity, int) and most <= self.expert_capacity <= E, "expert_capacity",
+                     f"an integer in [{most}, num_experts={E}] with router_type='block_pool' (the experts each block "
+                     "admits; at least num_experts_per_tok, or capacity_max under a capacity schedule)", self)
         _require(
             k <= self.block_router_min_experts <= E, "block_router_min_experts",
             f"an integer in [num_experts_per_tok={k}, num_experts={E}]", self,
@@ -674,6 +687,10 @@ class DiffusionMoeConfig(SavesRemoteCode, PretrainedConfig):
         they are named in one logged warning instead of being dropped silently.
         """
         ignored = []
+        if self.router_type == "block_pool" and self.n_group is not None:
+            ignored.append(f"n_group={self.n_group} / topk_group={self.topk_group} (the pool takes a plain top-k)")
+        if self.router_type != "block_pool" and self.expert_capacity is not None:
+            ignored.append(f"expert_capacity={self.expert_capacity} (router_type='block_pool' only)")
         if self.router_type == "expert_choice":
             if self.n_group is not None:
                 ignored.append(f"n_group={self.n_group} / topk_group={self.topk_group} (experts pick tokens)")

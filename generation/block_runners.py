@@ -22,7 +22,7 @@ import torch
 from transformers.cache_utils import DynamicCache, StaticCache
 
 from ..modeling.attention_masks import build_attention_mask, positions_from_padding
-from ..modeling.transformers_compat import rewind_static_cache
+from ..modeling.transformers_compat import install_output_recorders, rewind_static_cache
 from .prefix_cache import prefix_buffer_cache
 
 
@@ -93,6 +93,7 @@ class StaticCacheRunner(ExactCacheRunner):
     def __init__(self, model, x, real, collect_stats, step):
         super().__init__(model, x, real, collect_stats)
         self.step = step
+        install_output_recorders(model.base_model)  # before the compiled step is traced (router statistics)
         self.positions = positions_from_padding(real)
         self.cache = model._static_generation_cache(x.shape[0], x.shape[1])
         self.length = 0  # where the cache's next update writes (tracked here: reading it would sync)
@@ -103,7 +104,7 @@ class StaticCacheRunner(ExactCacheRunner):
             raise ValueError("`cache` cannot be reused with cache_implementation='static'.")
         if end > 0:  # eager: prefill has its own shapes
             static_block_step(self.model, self.cache, self.x[:, :end], self.positions[:, :end], self._block_mask(0, end),
-                              False)
+                              self.real[:, :end], False)
         self.length = end
 
     def block_logits(self, s, e):
@@ -111,13 +112,14 @@ class StaticCacheRunner(ExactCacheRunner):
             self.block_mask = ((s, e), self._block_mask(s, e))  # once per block
         self._rewind(s)
         logits, used = self.step(self.model, self.cache, self.x[:, s:e], self.positions[:, s:e], self.block_mask[1],
-                                 self.collect)
+                                 self.real[:, s:e], self.collect)
         self.length = e
         return logits.clone(), used  # a compiled graph may reuse its output buffers
 
     def finish_block(self, s, e):
         self._rewind(s)
-        self.step(self.model, self.cache, self.x[:, s:e], self.positions[:, s:e], self._block_mask(s, e), False)
+        self.step(self.model, self.cache, self.x[:, s:e], self.positions[:, s:e], self._block_mask(s, e),
+                  self.real[:, s:e], False)
         self.length = e
 
     def _rewind(self, length: int):
@@ -133,10 +135,10 @@ class StaticCacheRunner(ExactCacheRunner):
                                     config.block_size)
 
 
-def static_block_step(model, cache, ids, positions, mask, collect):
+def static_block_step(model, cache, ids, positions, mask, padding, collect):
     """One forward of whole aligned blocks on a `StaticCache`: the function torch.compile sees."""
     out = model(input_ids=ids, attention_mask=mask, position_ids=positions, cache=cache, use_cache=True,
-                static_routing=True, output_router_stats=collect, logits_to_keep=0)
+                padding_mask=padding, static_routing=True, output_router_stats=collect, logits_to_keep=0)
     used = torch.stack([layer.expert_mask.any(1) for layer in out.router_stats]) if collect else None
     return out.logits, used
 

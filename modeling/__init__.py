@@ -5,7 +5,7 @@ from .modeling_diffusion_moe import (
     DiffusionMoeModelOutput,
     DiffusionMoePreTrainedModel,
 )
-from .routing import RouterStats
+from .routing_decisions import RouterStats
 
 __all__ = [
     "DiffusionMoeForMaskedLM",

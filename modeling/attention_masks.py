@@ -57,3 +57,17 @@ def two_stream_attention_mask(padding_mask: torch.Tensor, block_size: int) -> to
     mask = torch.cat([top, bottom], dim=1)  # [B, 2L, 2L]
     pad_rows = ~padding_mask.bool().repeat(1, 2)
     return (mask | pad_rows[:, :, None]).unsqueeze(1)
+
+
+
+def attended_keys(mask: torch.Tensor, key_index: torch.Tensor) -> torch.Tensor:
+    """[B, L] bool: the keys at `key_index` [L] (this forward's tokens) of a 4-D mask
+    [B, H or 1, Lq, Lk] that some query may attend to (bool True, or an additive value above
+    half the dtype's minimum): a key no query attends to is padding. Query rows that attend
+    every key say nothing (padding rows often do, so that softmax has a key); if every row
+    does, every token is real."""
+    allowed = mask if mask.dtype == torch.bool else mask > torch.finfo(mask.dtype).min / 2
+    rows = allowed.flatten(1, 2)  # [B, H * Lq, Lk]
+    informative = ~rows.all(-1, keepdim=True)
+    attended = (rows.index_select(-1, key_index) & informative).any(1)
+    return attended | ~informative.any(1)

@@ -4,17 +4,31 @@
 [E, H, I] its output projection. Token-layout routing (token choice, block) is dispatched
 by `use_experts_implementation` to Transformers' experts implementations (`grouped_mm` by
 default, `batched_mm`, or this file's `eager` loop, the portable fallback). Expert choice
-honours the same choice; its default, `batched_mm`, is its own static-shape dispatch (for
-SiLU the fused `expert_choice_swiglu`). Both layouts go through `forward`, so wrappers of
-the module (PEFT's LoRA on `target_parameters`, forward hooks) see every call.
+honours the same choice: every Transformers name means Transformers' function, run on the
+expert slots as tokens. Its default is its own static-shape dispatch, registered in
+Transformers' experts interface as "expert_choice_static" (for SiLU the fused
+`expert_choice_swiglu`). Both layouts go through `forward`, so wrappers of the module
+(PEFT's LoRA on `target_parameters`, forward hooks) see every call.
 """
 
 import torch
 from torch import nn
 from transformers.activations import ACT2FN
 from transformers.integrations import use_experts_implementation
+from transformers.integrations.moe import ExpertsInterface
 
 from .expert_choice_swiglu import expert_choice_swiglu
+
+EXPERT_CHOICE_STATIC = "expert_choice_static"
+
+
+def expert_choice_only(experts, hidden_states, top_k_index, top_k_weights):
+    """The token layout under "expert_choice_static": never reached (the model refuses the name for other rules)."""
+    raise ValueError(f'experts_implementation="{EXPERT_CHOICE_STATIC}" is expert choice\'s dispatch: use it with '
+                     'router_type="expert_choice" only.')
+
+
+ExpertsInterface.register(EXPERT_CHOICE_STATIC, expert_choice_only)
 
 
 @use_experts_implementation
@@ -67,18 +81,18 @@ class DiffusionMoeExperts(DiffusionMoeTokenExperts):
     def _expert_choice(self, hidden_states, token_index, gates):
         """Expert choice under the model's experts implementation.
 
-        "batched_mm" (expert choice's default): every expert holds the same number of slots,
-        so it is one gather -> two batched matmuls -> one weighted scatter-add, with no
-        sorting or padding (for SiLU the fused `expert_choice_swiglu`). Any other
-        implementation ("eager", "grouped_mm", ...) runs Transformers' experts function on
-        the slots as tokens routed to one expert each.
+        "expert_choice_static" (expert choice's default): every expert holds the same number
+        of slots, so it is one gather -> two batched matmuls -> one weighted scatter-add, with
+        no sorting or padding (for SiLU the fused `expert_choice_swiglu`). Any other
+        implementation ("eager", "grouped_mm", "batched_mm", ...) runs that experts function
+        on the slots as tokens routed to one expert each.
         """
         B, L, H = hidden_states.shape
         G, E, C = token_index.shape
         rows = token_index.transpose(0, 1).reshape(-1)  # expert-major, so gathered rows are [E, G*C, H]
         gates = gates.transpose(0, 1).reshape(E, G * C)
         flat_hidden = hidden_states.reshape(B * L, H)
-        if self.config._experts_implementation != "batched_mm":
+        if self.config._experts_implementation != EXPERT_CHOICE_STATIC:
             expert_of_slot = torch.arange(E, device=rows.device).repeat_interleave(G * C).unsqueeze(1)
             slots = flat_hidden.index_select(0, rows)
             y = super().forward(slots, expert_of_slot, gates.reshape(-1, 1).to(slots.dtype))

@@ -44,15 +44,17 @@ def check_loss_noise_level(name: str, values: torch.Tensor, labels: torch.Tensor
         )
 
 
-def check_padding_mask(attention_mask: torch.Tensor) -> None:
-    """A 2-D `attention_mask` is a padding mask of 0s and 1s (bool or any numeric dtype)."""
+def check_padding_mask(attention_mask: torch.Tensor, name: str = "attention_mask") -> None:
+    """A 2-D `attention_mask` (or `padding_mask`) is a padding mask of 0s and 1s (bool or any numeric dtype)."""
     if attention_mask.dtype == torch.bool or torch.compiler.is_compiling():
         return
     bad = (attention_mask != 0) & (attention_mask != 1)
     if bad.any():
+        what = "a 2-D `attention_mask`" if name == "attention_mask" else f"`{name}`"
         raise ValueError(
-            f"a 2-D `attention_mask` is a padding mask of 0 (padding) and 1 (real token); got "
-            f"{attention_mask[bad][0].item()}. Pass a 4-D mask for anything else."
+            f"{what} is a padding mask of 0 (padding) and 1 (real token); got "
+            f"{attention_mask[bad][0].item()}." + (" Pass a 4-D mask for anything else." if name == "attention_mask"
+                                                   else "")
         )
 
 

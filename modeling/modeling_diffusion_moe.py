@@ -16,14 +16,14 @@ from transformers.activations import ACT2FN
 from transformers.cache_utils import Cache, DynamicCache
 from transformers.modeling_layers import GradientCheckpointingLayer
 from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS, PreTrainedModel, slice_logits_to_keep
-from transformers.utils import can_return_tuple
+from transformers.utils import can_return_tuple, logging
 
 from ..configuration.configuration_diffusion_moe import DiffusionMoeConfig
 from ..configuration.remote_code import AtomicSavePretrained
 from ..generation.generation_utils import DiffusionGenerationMixin
-from .attention_masks import build_attention_mask, positions_from_padding
+from .attention_masks import attended_keys, build_attention_mask, positions_from_padding
 from .diffusion_loss import IGNORE_INDEX, chunked_cross_entropy, diffusion_loss_weights
-from .experts import DiffusionMoeExperts
+from .experts import EXPERT_CHOICE_STATIC, DiffusionMoeExperts
 from .input_checks import (
     check_fractions,
     check_input_shape,
@@ -31,7 +31,9 @@ from .input_checks import (
     check_padding_mask,
     check_token_ids,
 )
-from .routing import DiffusionMoeRouter, RouterStats, RoutingContext, load_balancing_loss, router_stats, z_loss
+from .routing import DiffusionMoeRouter, build_router, routing_inputs_for
+from .routing_decisions import RouterStats, RoutingDecision, router_losses
+from .routing_inputs import RoutingInputs
 from .transformers_compat import (
     CacheOutput,
     ExpertsImplementationSupport,
@@ -40,27 +42,29 @@ from .transformers_compat import (
     capture_outputs,
 )
 
+logger = logging.get_logger(__name__)
+
 
 @dataclass
 class DiffusionMoeModelOutput(CacheOutput):
-    """Base model output. `hidden_states`, `attentions` and `router_logits` (one [B*L, E]
-    tensor per MoE layer) are filled on request (`output_*=True`, or the config's flags);
-    `aux_loss` / `z_loss` are averaged over MoE layers (training mode, when their
-    coefficients are set); `router_stats` with `output_router_stats=True`."""
+    """Base model output. `hidden_states`, `attentions`, `router_logits` (one [B*L, E] tensor
+    per MoE layer) and `router_decisions` (one `RoutingDecision` per MoE layer: its
+    `aux_loss()`, `z_loss()`, `stats()`) are recorded on request (`output_*=True`, or the
+    config's flags), as Transformers records outputs."""
 
     last_hidden_state: torch.FloatTensor | None = None
     cache: Cache | None = None
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     attentions: tuple[torch.FloatTensor, ...] | None = None
     router_logits: tuple[torch.FloatTensor, ...] | None = None
-    aux_loss: torch.FloatTensor | None = None
-    z_loss: torch.FloatTensor | None = None
-    router_stats: tuple[RouterStats, ...] | None = None
+    router_decisions: tuple[RoutingDecision, ...] | None = None
 
 
 @dataclass
 class DiffusionMoeMaskedLMOutput(CacheOutput):
-    """`loss` is the diffusion loss plus the weighted router losses (in training mode)."""
+    """`loss` is the diffusion loss plus the weighted router losses (in training mode).
+    `aux_loss` / `z_loss` are averaged over MoE layers (training mode, when their
+    coefficients are set); `router_stats` with `output_router_stats=True`."""
 
     loss: torch.FloatTensor | None = None
     logits: torch.FloatTensor | None = None
@@ -68,6 +72,7 @@ class DiffusionMoeMaskedLMOutput(CacheOutput):
     hidden_states: tuple[torch.FloatTensor, ...] | None = None
     attentions: tuple[torch.FloatTensor, ...] | None = None
     router_logits: tuple[torch.FloatTensor, ...] | None = None
+    router_decisions: tuple[RoutingDecision, ...] | None = None
     diffusion_loss: torch.FloatTensor | None = None
     aux_loss: torch.FloatTensor | None = None
     z_loss: torch.FloatTensor | None = None
@@ -207,7 +212,7 @@ class DiffusionMoeSparseMoeBlock(nn.Module):
     def __init__(self, config: DiffusionMoeConfig):
         super().__init__()
         self.config = config
-        self.gate = DiffusionMoeRouter(config)
+        self.gate = build_router(config)
         self.experts = DiffusionMoeExperts(config)
         self.shared_experts = (
             DiffusionMoeMLP(config, config.moe_intermediate_size * config.num_shared_experts)
@@ -215,12 +220,11 @@ class DiffusionMoeSparseMoeBlock(nn.Module):
             else None
         )
 
-    def forward(self, hidden_states, routing: RoutingContext):
-        _, decision = self.gate(hidden_states, routing)
+    def forward(self, hidden_states, routing_inputs: RoutingInputs, **kwargs):
+        _, decision = self.gate(hidden_states, routing_inputs)
         routed = decision.dispatch(self.experts, hidden_states)
         if self.shared_experts is not None:
             routed = routed + self.shared_experts(hidden_states)
-        routing.record(decision)
         return routed
 
 
@@ -233,12 +237,13 @@ class DiffusionMoeDecoderLayer(GradientCheckpointingLayer):
         self.input_layernorm = DiffusionMoeRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
         self.post_attention_layernorm = DiffusionMoeRMSNorm(config.hidden_size, eps=config.rms_norm_eps)
 
-    def forward(self, hidden_states, attention_mask=None, position_embeddings=None, routing=None, cache=None):
+    def forward(self, hidden_states, attention_mask=None, position_embeddings=None, cache=None, **kwargs):
+        """kwargs: `routing_inputs` (the forward's `RoutingInputs`, read by MoE layers)."""
         residual = hidden_states
         hidden_states, _ = self.self_attn(self.input_layernorm(hidden_states), position_embeddings, attention_mask, cache)
         hidden_states = residual + hidden_states
         normed = self.post_attention_layernorm(hidden_states)
-        return hidden_states + (self.mlp(normed, routing) if self.is_moe else self.mlp(normed))
+        return hidden_states + (self.mlp(normed, **kwargs) if self.is_moe else self.mlp(normed))
 
 
 class DiffusionMoePreTrainedModel(AtomicSavePretrained, ExpertsImplementationSupport, PreTrainedModel):
@@ -255,15 +260,23 @@ class DiffusionMoePreTrainedModel(AtomicSavePretrained, ExpertsImplementationSup
     _keys_to_ignore_on_load_unexpected = [r"rotary_emb\.inv_freq"]
     _can_record_outputs = {
         "router_logits": OutputRecorder(DiffusionMoeRouter, index=0),
+        "router_decisions": OutputRecorder(DiffusionMoeRouter, index=1),
         "hidden_states": DiffusionMoeDecoderLayer,
         "attentions": OutputRecorder(DiffusionMoeAttention, index=1),
     }
 
     def get_correct_experts_implementation(self, requested_experts: str | None) -> str:
-        """Expert choice defaults to "batched_mm": its experts all hold the same number of
-        tokens, and its batched dispatch is the fused static-shape kernel."""
-        if requested_experts is None and self.config.router_type == "expert_choice":
-            requested_experts = "batched_mm"
+        """Expert choice defaults to "expert_choice_static": its experts all hold the same
+        number of tokens, and that dispatch is the fused static-shape kernel. Transformers'
+        names ("batched_mm", "grouped_mm", "eager") mean Transformers' functions for every rule."""
+        expert_choice = self.config.router_type == "expert_choice"
+        if requested_experts is None and expert_choice:
+            requested_experts = EXPERT_CHOICE_STATIC
+        if requested_experts == EXPERT_CHOICE_STATIC and not expert_choice:
+            raise ValueError(
+                f'experts_implementation="{EXPERT_CHOICE_STATIC}" is expert choice\'s dispatch; router_type is '
+                f'{self.config.router_type!r}: use "grouped_mm", "batched_mm" or "eager".'
+            )
         return super().get_correct_experts_implementation(requested_experts)
 
     @torch.no_grad()
@@ -302,15 +315,19 @@ class DiffusionMoeModel(DiffusionMoePreTrainedModel):
         inputs_embeds: torch.FloatTensor | None = None,
         use_cache: bool | None = None,
         mask_ratio: torch.Tensor | None = None,
-        output_router_stats: bool = False,
+        padding_mask: torch.Tensor | None = None,
         static_routing: bool = False,
         output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
         output_router_logits: bool | None = None,
+        output_router_decisions: bool | None = None,
     ) -> DiffusionMoeModelOutput:
         """
         attention_mask: 2-D [B, past + L] padding mask (1 = real token), or a 4-D mask
             [B, 1, L, past + L] (bool: True = attend, or additive float) used as-is.
+        padding_mask: [B, L] (1 = real token) with a 4-D `attention_mask`: which tokens routing
+            counts (padding takes no capacity and casts no vote). Default: the tokens some query
+            may attend to (a key no query attends is padding). With a 2-D mask it is that mask.
         mask_ratio: [B] fraction of masked real tokens per sequence, for the capacity
             schedule; a block-causal model's blocks all use their sequence's value. When not
             given, each routing unit (a sequence; for block-causal models each attention
@@ -318,9 +335,10 @@ class DiffusionMoeModel(DiffusionMoePreTrainedModel):
         cache: a `Cache` holding the keys/values before this forward (Transformers 5.24's name;
             `past_key_values=` is accepted as Transformers accepts it).
         use_cache: return (and fill) a `DynamicCache` with this forward's keys/values.
-        output_hidden_states / output_attentions / output_router_logits: Transformers' output
-            flags (default: the config's); attentions need `attn_implementation="eager"`.
-        output_router_stats: per-MoE-layer `RouterStats`.
+        output_hidden_states / output_attentions / output_router_logits /
+            output_router_decisions: Transformers' output flags (default: the config's).
+            Attention weights need `attn_implementation="eager"`: as in Transformers, other
+            backends return none (a warning says so).
         static_routing: the rows are whole aligned attention blocks (as in static-shape
             decoding): routing groups are then fixed slices and expert-choice capacity is
             bounded from `capacity_max`, so the forward reads nothing back from the device.
@@ -330,9 +348,9 @@ class DiffusionMoeModel(DiffusionMoePreTrainedModel):
         check_input_shape(input_ids, inputs_embeds, self.config.hidden_size)
         wants_attentions = output_attentions if output_attentions is not None else self.config.output_attentions
         if wants_attentions and self.config._attn_implementation != "eager":
-            raise ValueError(
-                "`output_attentions=True` needs eager attention (only it computes the weights): load the model "
-                f"with attn_implementation='eager' (now {self.config._attn_implementation!r})."
+            logger.warning_once(
+                f"`output_attentions=True`: attn_implementation={self.config._attn_implementation!r} computes no "
+                "attention weights, so none are returned. Load the model with attn_implementation='eager' for them."
             )
         if inputs_embeds is None:
             check_token_ids(input_ids, self.config.vocab_size)
@@ -349,10 +367,15 @@ class DiffusionMoeModel(DiffusionMoePreTrainedModel):
             attention_mask is None and self._sees_every_key(L, past_length)
         ):
             mask = attention_mask  # as given, or None: no padding and nothing hidden (SDPA's fast path)
-            padding_mask = torch.ones(B, L, dtype=torch.bool, device=device)
+            padding_mask = routing_padding(padding_mask, mask, past_length, B, L, device)
             if position_ids is None:
                 position_ids = torch.arange(past_length, past_length + L, device=device).expand(B, L)
         else:
+            if padding_mask is not None:
+                raise ValueError(
+                    "`padding_mask` is for 4-D `attention_mask`s only: with a 2-D (or no) `attention_mask`, that mask "
+                    "is the padding mask."
+                )
             if attention_mask is None:
                 attention_mask = torch.ones(B, past_length + L, dtype=torch.bool, device=device)
             if attention_mask.shape != (B, past_length + L):
@@ -390,9 +413,7 @@ class DiffusionMoeModel(DiffusionMoePreTrainedModel):
                 f"`static_routing=True` needs rows of whole aligned attention blocks: length {L} is not a multiple "
                 f"of block_size ({config.block_size})."
             )
-        wants_losses = self.training and (config.router_aux_loss_coef > 0 or config.router_z_loss_coef > 0)
-        routing = RoutingContext(config, padding_mask, position_ids, mask_ratio, masked,
-                                 collecting=wants_losses or output_router_stats, static=static_routing)
+        routing_inputs = routing_inputs_for(config, padding_mask, position_ids, mask_ratio, masked, static_routing)
         hidden_states = inputs_embeds
         position_embeddings = self.rotary_emb(hidden_states, position_ids)
         for layer in self.layers:
@@ -400,22 +421,12 @@ class DiffusionMoeModel(DiffusionMoePreTrainedModel):
                 hidden_states,
                 attention_mask=mask,
                 position_embeddings=position_embeddings,
-                routing=routing,
                 cache=cache,
+                routing_inputs=routing_inputs,
             )
-        decisions = routing.collected()
-        aux_loss = z = None
-        if wants_losses and decisions:
-            if config.router_z_loss_coef > 0:
-                z = sum(z_loss(d, padding_mask) for d in decisions) / len(decisions)
-            if config.router_aux_loss_coef > 0 and config.router_type != "expert_choice":
-                aux_loss = sum(load_balancing_loss(d, padding_mask) for d in decisions) / len(decisions)
         return DiffusionMoeModelOutput(
             last_hidden_state=self.norm(hidden_states),
             cache=cache if use_cache or past_length else None,
-            aux_loss=aux_loss,
-            z_loss=z,
-            router_stats=tuple(router_stats(d, padding_mask) for d in decisions) if output_router_stats else None,
         )
 
     def _check_cached_blocks_are_whole(self, attention_mask, past_length) -> None:
@@ -476,6 +487,21 @@ class DiffusionMoeModel(DiffusionMoePreTrainedModel):
         return input_ids == self.config.mask_token_id
 
 
+def routing_padding(padding_mask, mask, past_length, batch: int, length: int, device) -> torch.Tensor:
+    """The real tokens routing counts under a 4-D (or no) attention mask: `padding_mask` when
+    given, else the keys some query attends to (`attended_keys`), else (no mask) every token."""
+    if padding_mask is not None:
+        if padding_mask.shape != (batch, length):
+            raise ValueError(f"`padding_mask` must have shape (batch, length) = ({batch}, {length}); got "
+                             f"{tuple(padding_mask.shape)}.")
+        check_padding_mask(padding_mask, "padding_mask")
+        return padding_mask.bool()
+    if mask is None:
+        return torch.ones(batch, length, dtype=torch.bool, device=device)
+    keys = torch.arange(length, device=mask.device) + past_length  # where this forward's keys sit in the cache
+    return attended_keys(mask, keys).expand(batch, length)
+
+
 def output_flags(hidden_states=None, attentions=None, router_logits=None) -> dict:
     """The `output_*` flags that were given: `capture_outputs` falls back to the config's
     flags only for those left out, so a None must not be passed on."""
@@ -507,6 +533,7 @@ class DiffusionMoeForMaskedLM(DiffusionGenerationMixin, DiffusionMoePreTrainedMo
         noise_level: torch.Tensor | None = None,
         output_router_stats: bool = False,
         static_routing: bool = False,
+        padding_mask: torch.Tensor | None = None,
         cache: Cache | None = None,
         inputs_embeds: torch.FloatTensor | None = None,
         use_cache: bool | None = None,
@@ -515,6 +542,7 @@ class DiffusionMoeForMaskedLM(DiffusionGenerationMixin, DiffusionMoePreTrainedMo
         output_hidden_states: bool | None = None,
         output_attentions: bool | None = None,
         output_router_logits: bool | None = None,
+        output_router_decisions: bool | None = None,
     ) -> DiffusionMoeMaskedLMOutput:
         """labels: [B, L] targets at masked positions, -100 elsewhere (no shift).
         noise_level: [B] the t_b each sequence was masked with, for the "elbo" weighting;
@@ -529,10 +557,17 @@ class DiffusionMoeForMaskedLM(DiffusionGenerationMixin, DiffusionMoePreTrainedMo
         `router_aux_loss_coef * aux + router_z_loss_coef * z` in training mode. Its
         cross-entropy projects only the labelled positions' hidden states, in chunks
         (`chunked_cross_entropy`), in fp32 also under autocast.
+        Router losses and `output_router_stats` (one `RouterStats` per MoE layer) are read
+        from the routing decisions the base model records, as Qwen3-MoE reads its router logits.
         `return_dict=False` returns the output's non-None fields as a tuple.
+        Other arguments: as `DiffusionMoeModel.forward`.
         """
         if noise_level is not None and labels is None:
             raise ValueError("`noise_level` weights the loss: pass it with `labels`.")
+        config = self.config
+        wants_losses = self.training and (config.router_aux_loss_coef > 0 or config.router_z_loss_coef > 0)
+        wants_decisions = output_router_decisions if output_router_decisions is not None else (
+            getattr(config, "output_router_decisions", False))
         outputs = self.model(
             input_ids=input_ids,
             attention_mask=attention_mask,
@@ -541,11 +576,14 @@ class DiffusionMoeForMaskedLM(DiffusionGenerationMixin, DiffusionMoePreTrainedMo
             inputs_embeds=inputs_embeds,
             use_cache=use_cache,
             mask_ratio=mask_ratio,
-            output_router_stats=output_router_stats,
+            padding_mask=padding_mask,
             static_routing=static_routing,
             return_dict=True,
+            output_router_decisions=bool(wants_decisions or wants_losses or output_router_stats),
             **output_flags(output_hidden_states, output_attentions, output_router_logits),
         )
+        decisions = outputs.router_decisions or ()
+        aux_loss, z_loss = router_losses(decisions, config) if wants_losses else (None, None)
         hidden_states = outputs.last_hidden_state
         if logits_to_keep is None:
             logits_to_keep = None if labels is not None else 0
@@ -568,10 +606,10 @@ class DiffusionMoeForMaskedLM(DiffusionGenerationMixin, DiffusionMoePreTrainedMo
                 hidden_states[labelled], self.lm_head, labels[labelled], weights[labelled], self.config.vocab_size
             )
             loss = diffusion_loss
-            if outputs.aux_loss is not None:
-                loss = loss + self.config.router_aux_loss_coef * outputs.aux_loss
-            if outputs.z_loss is not None:
-                loss = loss + self.config.router_z_loss_coef * outputs.z_loss
+            if aux_loss is not None:
+                loss = loss + config.router_aux_loss_coef * aux_loss
+            if z_loss is not None:
+                loss = loss + config.router_z_loss_coef * z_loss
         return DiffusionMoeMaskedLMOutput(
             loss=loss,
             logits=logits,
@@ -579,10 +617,11 @@ class DiffusionMoeForMaskedLM(DiffusionGenerationMixin, DiffusionMoePreTrainedMo
             hidden_states=outputs.hidden_states,
             attentions=outputs.attentions,
             router_logits=outputs.router_logits,
+            router_decisions=outputs.router_decisions if wants_decisions else None,
             diffusion_loss=diffusion_loss,
-            aux_loss=outputs.aux_loss,
-            z_loss=outputs.z_loss,
-            router_stats=outputs.router_stats,
+            aux_loss=aux_loss,
+            z_loss=z_loss,
+            router_stats=tuple(d.stats() for d in decisions) if output_router_stats else None,
         )
 
 

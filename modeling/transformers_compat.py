@@ -42,9 +42,19 @@ def incompatible(what: str) -> TransformersCompatibilityError:
 
 
 try:  # Transformers' output recording (`_can_record_outputs`): no public module yet
-    from transformers.utils.output_capturing import OutputRecorder, capture_outputs
+    from transformers.utils.output_capturing import OutputRecorder, capture_outputs, maybe_install_capturing_hooks
 except ImportError as error:  # pragma: no cover - only on an unsupported Transformers
-    raise incompatible("transformers.utils.output_capturing (OutputRecorder, capture_outputs)") from error
+    raise incompatible("transformers.utils.output_capturing (OutputRecorder, capture_outputs, "
+                       "maybe_install_capturing_hooks)") from error
+
+
+def install_output_recorders(model) -> None:
+    """Install the hooks of `_can_record_outputs` now. Transformers installs them on the first
+    forward that records anything, under a thread lock torch.compile cannot trace: a compiled
+    step that records (router statistics) needs them in place before it is traced."""
+    maybe_install_capturing_hooks(model)
+    if not getattr(model, "_output_capturing_hooks_installed", False):
+        raise incompatible("maybe_install_capturing_hooks (no `_output_capturing_hooks_installed` mark)")
 
 
 def accepts_past_key_values(function):

@@ -10,12 +10,13 @@ from unittest.mock import patch
 import pytest
 import torch
 from transformers.integrations import moe
+from transformers.utils import logging as hf_logging
 
 from conftest import MASK_ID, tiny_config
 from diffusion_moe import DiffusionMoeForMaskedLM, DiffusionMoeModel
 from diffusion_moe.configuration.remote_code import REMOTE_CODE_FILES
 from diffusion_moe.modeling import experts as experts_module
-from diffusion_moe.modeling.routing import DiffusionMoeRouter, RoutingContext
+from diffusion_moe.modeling.routing import DiffusionMoeRouter, build_router, routing_inputs_for
 
 pytestmark = pytest.mark.smoke
 
@@ -82,9 +83,26 @@ def test_attention_weights_under_eager_attention_respect_the_block_causal_mask()
     assert out.attentions[0].grad is not None and out.hidden_states[0].grad is not None
 
 
-def test_attention_weights_without_eager_attention_are_an_error_not_an_empty_tuple():
-    with pytest.raises(ValueError, match="output_attentions.*eager"):
-        model_for("sdpa")(torch.randint(1, MASK_ID, (1, 4)), output_attentions=True)
+def test_attention_weights_under_sdpa_are_what_transformers_gives_and_a_warning(caplog):
+    """Transformers' own MoE models return what the backend gives (SDPA: no weights) instead of
+    raising; ours do the same and say why the tuple is empty."""
+    from transformers import Qwen3MoeConfig, Qwen3MoeModel
+
+    qwen = Qwen3MoeModel(Qwen3MoeConfig(vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                                        num_attention_heads=4, num_key_value_heads=2, num_experts=4,
+                                        num_experts_per_tok=2, moe_intermediate_size=16),
+                         ).eval()
+    qwen.set_attn_implementation("sdpa")
+    theirs = qwen(torch.randint(1, 60, (1, 4)), output_attentions=True).attentions
+    hf_logging.enable_propagation()
+    try:
+        with caplog.at_level(logging.WARNING):
+            out = model_for("sdpa")(torch.randint(1, MASK_ID, (1, 4)), output_attentions=True)
+    finally:
+        hf_logging.disable_propagation()
+    assert out.attentions == theirs == ()
+    assert out.logits.shape == (1, 4, 64)
+    assert any("output_attentions" in r.getMessage() and "eager" in r.getMessage() for r in caplog.records)
 
 
 @pytest.mark.parametrize("router", ROUTERS, ids=IDS)
@@ -118,7 +136,8 @@ def _recording(mapping_name):
 @pytest.mark.parametrize("router", ROUTERS, ids=IDS)
 def test_every_router_honours_the_experts_implementation(router):
     model = model_for(**router, num_shared_experts=1)
-    default = "batched_mm" if router["router_type"] == "expert_choice" else "grouped_mm"
+    expert_choice = router["router_type"] == "expert_choice"
+    default = "expert_choice_static" if expert_choice else "grouped_mm"
     assert model.config._experts_implementation == default
     ids = torch.randint(1, MASK_ID, (2, 12))
     padding = torch.tensor([[0] * 4 + [1] * 8, [1] * 12])
@@ -134,16 +153,19 @@ def test_every_router_honours_the_experts_implementation(router):
     outputs = {}
     with patch.dict(moe.ALL_EXPERTS_FUNCTIONS._global_mapping, {"batched_mm": batched, "grouped_mm": grouped}), \
             patch.object(experts_module, "expert_choice_swiglu", fused):
-        for implementation in ("eager", "batched_mm", "grouped_mm"):
+        for implementation in ("eager", "batched_mm", "grouped_mm") + (("expert_choice_static",) * expert_choice):
             batched_calls.clear(), grouped_calls.clear(), fused_calls.clear()
             model.set_experts_implementation(implementation)
             outputs[implementation] = model(ids, attention_mask=padding).logits[padding.bool()]
-            ran = {"batched_mm": bool(batched_calls or fused_calls), "grouped_mm": bool(grouped_calls)}
-            assert ran == {"batched_mm": implementation == "batched_mm", "grouped_mm": implementation == "grouped_mm"}
-            if router["router_type"] == "expert_choice":  # its batched dispatch is the fused kernel
-                assert bool(fused_calls) == (implementation == "batched_mm") and not batched_calls
-    torch.testing.assert_close(outputs["eager"], outputs["batched_mm"], atol=1e-5, rtol=1e-5)
-    torch.testing.assert_close(outputs["eager"], outputs["grouped_mm"], atol=1e-5, rtol=1e-5)
+            # Transformers' names mean Transformers' functions for every rule; the fused kernel has its own name
+            ran = {"batched_mm": bool(batched_calls), "grouped_mm": bool(grouped_calls), "fused": bool(fused_calls)}
+            assert ran == {"batched_mm": implementation == "batched_mm", "grouped_mm": implementation == "grouped_mm",
+                           "fused": implementation == "expert_choice_static"}
+        if not expert_choice:
+            with pytest.raises(ValueError, match="expert_choice_static"):
+                model.set_experts_implementation("expert_choice_static")
+    for implementation in outputs:
+        torch.testing.assert_close(outputs["eager"], outputs[implementation], atol=1e-5, rtol=1e-5)
 
 
 def test_unknown_experts_implementation_is_rejected():
@@ -213,10 +235,10 @@ def test_settings_a_router_ignores_are_named_in_one_warning(caplog):
         assert tiny_config(router_type="token_choice").ignored_settings() == []
         assert tiny_config(router_type="block", capacity_schedule="linear").ignored_settings() == []
         caplog.clear()
-        router = DiffusionMoeRouter(tiny_config(router_type="expert_choice"))
+        router = build_router(tiny_config(router_type="expert_choice"))
         torch.nn.init.normal_(router.weight)
         router.expert_bias[3] = 0.5
-        context = RoutingContext(router.config, torch.ones(1, 4, dtype=torch.bool), torch.arange(4).view(1, 4))
+        context = routing_inputs_for(router.config, torch.ones(1, 4, dtype=torch.bool), torch.arange(4).view(1, 4))
         with caplog.at_level(logging.WARNING):
             router(torch.randn(1, 4, 32), context)
             router(torch.randn(1, 4, 32), context)

@@ -61,7 +61,7 @@ def test_ec_dlm_mode_scales_each_tokens_gates_by_ec_dlms_factor(router_type):
     """Every token's gates are the constant mode's times EC-DLM's factor: per chooser count
     for expert choice, the top-k constant for token choice."""
     from conftest import MASK_ID
-    from diffusion_moe.modeling.routing import RoutingContext
+    from diffusion_moe.modeling.routing import routing_inputs_for
 
     model = ec_dlm_model(router_type)
     plain = type(model)(type(model.config)(**{**model.config.to_dict(), "routed_scaling_mode": "constant"})).eval()
@@ -70,7 +70,7 @@ def test_ec_dlm_mode_scales_each_tokens_gates_by_ec_dlms_factor(router_type):
     E, k = model.config.num_experts, model.config.num_experts_per_tok
 
     def decide(m):
-        routing = RoutingContext(m.config, torch.ones(2, 8, dtype=torch.bool), torch.arange(8).expand(2, 8))
+        routing = routing_inputs_for(m.config, torch.ones(2, 8, dtype=torch.bool), torch.arange(8).expand(2, 8))
         return m.model.layers[0].mlp.gate(hidden, routing)[1]
 
     scaled, unscaled = dense_gates(decide(model), 16, E), dense_gates(decide(plain), 16, E)

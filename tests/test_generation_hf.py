@@ -222,12 +222,15 @@ def static_inputs(model, B=2):
     ids = torch.randint(0, 60, (B, 4))
     positions = torch.arange(4, 8).expand(B, 4)
     mask = torch.ones(B, 1, 4, 16, dtype=torch.bool)
-    return cache, ids, positions, mask
+    return cache, ids, positions, mask, torch.ones(B, 4, dtype=torch.bool)
 
 
 @pytest.mark.parametrize("router", ROUTERS)
 def test_the_static_step_compiles_without_graph_breaks(router):
+    from diffusion_moe.modeling.transformers_compat import install_output_recorders
+
     model = tiny_model(router=router, capacity_schedule="linear_reverse", capacity_min=1, capacity_max=3)
+    install_output_recorders(model.base_model)  # as the static runner does before its first step
     for collect in (False, True):
         with torch.no_grad():  # as in generate()
             explanation = torch._dynamo.explain(static_block_step)(model, *static_inputs(model), collect)

@@ -57,19 +57,36 @@ def test_block_causal_blocks_ignore_later_blocks_and_bidirectional_does_not():
     assert not torch.allclose(full(ids).logits[:, :8], full(changed).logits[:, :8])
 
 
-def test_user_4d_masks_equal_the_2d_padding_mask():
-    model = model_for()
+@pytest.mark.parametrize("router", ["token_choice", "expert_choice", "block", "block_pool"])
+def test_user_4d_masks_equal_the_2d_padding_mask(router):
+    """Under a 4-D mask routing still knows the padding (padding takes no expert-choice capacity,
+    casts no dMoE vote, nominates no pool expert): from an explicit `padding_mask`, or from the
+    keys no query attends to."""
+    torch.manual_seed(0)
+    model = model_for(router_type=router, router_score_function="sigmoid", num_experts_per_tok=2, block_size=4,
+                      expert_capacity=3 if router == "block_pool" else None, block_router_size=4,
+                      block_router_min_experts=2, block_router_top_p=0.3)
     ids = torch.randint(1, MASK_ID, (2, 6))
     padding = torch.tensor([[0, 0, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1]])
+    real = padding.bool()
     expected = model(ids, attention_mask=padding).logits
-    keys = padding.bool()[:, None, None, :].expand(2, 1, 6, 6)
-    queries_of_padding = ~padding.bool()[:, None, :, None]
-    bool_mask = keys | queries_of_padding
+    keys = real[:, None, None, :].expand(2, 1, 6, 6)
+    queries_of_padding = ~real[:, None, :, None]
+    bool_mask = keys | queries_of_padding  # padding rows attend everywhere, as ours do
     float_mask = torch.zeros(2, 1, 6, 6).masked_fill(~bool_mask, torch.finfo(torch.float32).min)
-    for mask in (bool_mask, float_mask):
-        got = model(ids, attention_mask=mask).logits
-        # routing treats every token as real under a 4-D mask; compare the fully real row only
-        torch.testing.assert_close(got[1], expected[1], atol=1e-5, rtol=1e-5)
+    positions = (padding.cumsum(-1) - 1).clamp(min=0)  # a 4-D mask comes with its positions
+    treated_as_real = model(ids, attention_mask=bool_mask, position_ids=positions,
+                            padding_mask=torch.ones_like(padding)).logits
+    if router != "token_choice":  # padding competing for experts changes the real tokens' routing
+        assert not torch.allclose(treated_as_real[real], expected[real], atol=1e-4)
+    for mask in (bool_mask, float_mask, keys):
+        for given in (None, padding):
+            got = model(ids, attention_mask=mask, position_ids=positions, padding_mask=given).logits
+            torch.testing.assert_close(got[real], expected[real], atol=1e-5, rtol=1e-5)
+    with pytest.raises(ValueError, match="padding_mask"):
+        model(ids, attention_mask=padding, padding_mask=padding)
+    with pytest.raises(ValueError, match="padding_mask"):
+        model(ids, attention_mask=bool_mask, padding_mask=padding[:, 1:])
 
 
 def test_eager_and_sdpa_attention_agree():

@@ -22,8 +22,8 @@ SCRIPT = textwrap.dedent(
                                         default_corpus, train_tokenizer, train_validation_split)
 
     class SkewedLoads(ExpertBiasUpdateCallback):
-        def record(self, layer, router, args, decision):
-            super().record(layer, router, args, decision)
+        def record(self, layer, router, decision):
+            super().record(layer, router, decision)
             if dist.get_rank() == 1:
                 self.loads[layer, 0] += 1e6
 

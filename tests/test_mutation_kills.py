@@ -16,7 +16,8 @@ from diffusion_moe.generation.block_runners import DualCacheRunner, FullRunner, 
 from diffusion_moe.generation.denoising import MaskFilling, predict
 from diffusion_moe.modeling import diffusion_loss
 from diffusion_moe.modeling.diffusion_loss import chunked_cross_entropy, diffusion_loss_weights
-from diffusion_moe.modeling.routing import TokenRouting, load_balancing_loss, z_loss
+from diffusion_moe.modeling.routing_decisions import TokenRouting
+from diffusion_moe.modeling.routing_inputs import RoutingInputs
 from diffusion_moe.modeling.routing_groups import GroupedView
 
 # --- remasking scores -------------------------------------------------------------------------
@@ -127,11 +128,14 @@ def test_dual_cache_generate_with_several_steps_equals_full_for_one_layer():
 # --- router losses ------------------------------------------------------------------------------
 
 
-def hand_routing(probs, index, weights):
+def hand_inputs(padding):
+    return RoutingInputs(padding_mask=padding, position_ids=torch.arange(padding.shape[1]).expand(padding.shape))
+
+
+def hand_routing(probs, index, weights, padding):
     probs = torch.tensor(probs).unsqueeze(0)
-    B, L, E = probs.shape
-    return TokenRouting(router_logits=probs.log(), expert_index=torch.tensor(index),
-                        expert_weights=torch.tensor(weights), router_probs=probs)
+    return TokenRouting(router_logits=probs.log(), inputs=hand_inputs(padding), capacity=None,
+                        expert_index=torch.tensor(index), expert_weights=torch.tensor(weights), router_probs=probs)
 
 
 def test_load_balancing_loss_matches_a_hand_computation_where_f_and_p_differ():
@@ -140,14 +144,14 @@ def test_load_balancing_loss_matches_a_hand_computation_where_f_and_p_differ():
         [[0.7, 0.1, 0.1, 0.1], [0.1, 0.6, 0.2, 0.1], [0.25, 0.25, 0.25, 0.25], [0.4, 0.1, 0.1, 0.4]],
         [[0, 1], [1, 2], [3, 0], [2, 3]],
         [[0.8, 0.2], [0.7, 0.0], [0.5, 0.5], [0.6, 0.4]],
+        torch.tensor([[True, True, False, True]]),
     )
-    padding = torch.tensor([[True, True, False, True]])
     # assignments of real tokens: 0, 1 | 1 | 2, 3 -> f = [1, 2, 1, 1] / 5
     f = torch.tensor([1, 2, 1, 1]) / 5
     p = torch.tensor([0.7 + 0.1 + 0.4, 0.1 + 0.6 + 0.1, 0.1 + 0.2 + 0.1, 0.1 + 0.1 + 0.4]) / 3
     expected = 4 * (f * p).sum()
     assert expected.item() == pytest.approx(4 * (1.2 + 1.6 + 0.4 + 0.6) / 15)
-    loss = load_balancing_loss(decision, padding)
+    loss = decision.aux_loss()
     assert loss.item() == pytest.approx(expected.item(), rel=1e-6)
     assert loss.item() != pytest.approx(4 * (p * p).sum().item(), rel=1e-3)  # P_e in place of f_e
     assert loss.item() != pytest.approx(4 * (f * f).sum().item(), rel=1e-3)
@@ -155,8 +159,8 @@ def test_load_balancing_loss_matches_a_hand_computation_where_f_and_p_differ():
 
 def test_load_balancing_loss_normalises_sigmoid_scores_per_token():
     sigmoid = [[0.9, 0.3, 0.3, 0.5], [0.1, 0.1, 0.2, 0.1]]  # rows sum to 2.0 and 0.5
-    decision = hand_routing(sigmoid, [[0], [2]], [[1.0], [1.0]])
-    loss = load_balancing_loss(decision, torch.ones(1, 2, dtype=torch.bool))
+    decision = hand_routing(sigmoid, [[0], [2]], [[1.0], [1.0]], torch.ones(1, 2, dtype=torch.bool))
+    loss = decision.aux_loss()
     p = (torch.tensor(sigmoid) / torch.tensor([[2.0], [0.5]])).mean(0)
     f = torch.tensor([0.5, 0.0, 0.5, 0.0])
     assert loss.item() == pytest.approx((4 * (f * p).sum()).item(), rel=1e-6)
@@ -164,22 +168,22 @@ def test_load_balancing_loss_normalises_sigmoid_scores_per_token():
 
 def test_router_losses_of_a_single_real_token():
     # one real token, one assignment: nothing to average, so E * f . P = E * P[chosen] and z = lse^2
-    decision = hand_routing([[0.25, 0.5, 0.125, 0.125], [0.7, 0.1, 0.1, 0.1]], [[1], [0]], [[1.0], [1.0]])
-    padding = torch.tensor([[True, False]])
-    assert load_balancing_loss(decision, padding).item() == pytest.approx(4 * 0.5)
+    decision = hand_routing([[0.25, 0.5, 0.125, 0.125], [0.7, 0.1, 0.1, 0.1]], [[1], [0]], [[1.0], [1.0]],
+                            torch.tensor([[True, False]]))
+    assert decision.aux_loss().item() == pytest.approx(4 * 0.5)
     lse = math.log(sum([0.25, 0.5, 0.125, 0.125]))  # logits = log(probs)
-    assert z_loss(decision, padding).item() == pytest.approx(lse**2, abs=1e-12)
+    assert decision.z_loss().item() == pytest.approx(lse**2, abs=1e-12)
     decision.router_logits = decision.router_logits + 1.0
-    assert z_loss(decision, padding).item() == pytest.approx((lse + 1.0) ** 2)
+    assert decision.z_loss().item() == pytest.approx((lse + 1.0) ** 2)
 
 
 def test_z_loss_is_the_mean_squared_logsumexp_over_real_tokens():
     logits = torch.tensor([[[1.0, 2.0, 3.0], [0.0, 0.0, 0.0], [5.0, -1.0, 2.0]]])
-    decision = TokenRouting(router_logits=logits, expert_index=torch.zeros(3, 1, dtype=torch.long),
+    decision = TokenRouting(router_logits=logits, inputs=hand_inputs(torch.tensor([[True, False, True]])),
+                            capacity=None, expert_index=torch.zeros(3, 1, dtype=torch.long),
                             expert_weights=torch.ones(3, 1), router_probs=logits.softmax(-1))
     lse = [math.log(sum(math.exp(v) for v in row)) for row in logits[0].tolist()]
-    padding = torch.tensor([[True, False, True]])
-    assert z_loss(decision, padding).item() == pytest.approx((lse[0] ** 2 + lse[2] ** 2) / 2, rel=1e-6)
+    assert decision.z_loss().item() == pytest.approx((lse[0] ** 2 + lse[2] ** 2) / 2, rel=1e-6)
 
 
 def test_the_models_aux_loss_is_the_layer_mean_of_the_switch_loss_by_hand():
@@ -508,11 +512,9 @@ def test_mask_filling_commits_each_steps_quota_and_idles_rows_without_masks():
 
 
 def test_router_stats_report_no_drops_without_a_capacity():
-    from diffusion_moe.modeling.routing import router_stats
-
     decision, stats = route(make_router(), left_padded([6, 3], 6))
     assert isinstance(stats.dropped_fraction, torch.Tensor) and float(stats.dropped_fraction) == 0.0
     assert stats.capacity is None and stats.experts_per_token.tolist() == [[2] * 6, [0, 0, 0, 2, 2, 2]]
-    capped = router_stats(route(make_router(capacity_factor=0.5), left_padded([6, 3], 6))[0], left_padded([6, 3], 6))
+    capped = route(make_router(capacity_factor=0.5), left_padded([6, 3], 6))[1]
     kept = capped.expert_mask.sum().item()
     assert float(capped.dropped_fraction) == pytest.approx(1 - kept / (9 * 2))

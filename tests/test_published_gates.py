@@ -12,7 +12,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from conftest import tiny_config
-from diffusion_moe.modeling.routing import DiffusionMoeRouter, RoutingContext
+from diffusion_moe.modeling.routing import build_router, routing_inputs_for
 from llada2_reference import dmoe_gate, llada2_gate
 
 
@@ -23,7 +23,7 @@ def make_router(router_type, E, k, n_group, topk_group, min_experts=None, top_p=
         block_router_top_p=top_p, block_router_min_experts=min_experts or max(k, min(16, E)),
         attention_layout="block_causal", block_size=32,
     )
-    return DiffusionMoeRouter(config)
+    return build_router(config)
 
 
 def published(router):
@@ -36,7 +36,7 @@ def ours(router, logits, padding=None):
     B, L, _ = logits.shape
     padding = torch.ones(B, L, dtype=torch.bool) if padding is None else padding
     positions = (padding.long().cumsum(-1) - 1).clamp(min=0)
-    decision = router.route(logits, RoutingContext(router.config, padding, positions))
+    decision = router.decide(logits, routing_inputs_for(router.config, padding, positions))
     return decision.expert_index, decision.expert_weights
 
 

@@ -7,12 +7,12 @@ from hypothesis import strategies as st
 
 from conftest import tiny_config
 from diffusion_moe.modeling.capacity_schedules import scheduled_experts
-from diffusion_moe.modeling.routing import DiffusionMoeRouter, RoutingContext, block_coreset, router_stats, score
+from diffusion_moe.modeling.routing import block_coreset, build_router, routing_inputs_for, score
 from diffusion_moe.modeling.routing_groups import GroupedView, chunk_runs
 
 
 def make_router(**overrides):
-    router = DiffusionMoeRouter(tiny_config(**overrides))
+    router = build_router(tiny_config(**overrides))
     torch.nn.init.normal_(router.weight, std=1.0)
     return router
 
@@ -25,8 +25,8 @@ def route(router, padding, mask_ratio=None, hidden=None):
     B, L = padding.shape
     hidden = torch.randn(B, L, router.config.hidden_size) if hidden is None else hidden
     positions = (padding.long().cumsum(-1) - 1).clamp(min=0)
-    _, decision = router(hidden, RoutingContext(router.config, padding, positions, mask_ratio))
-    return decision, router_stats(decision, padding)
+    _, decision = router(hidden, routing_inputs_for(router.config, padding, positions, mask_ratio))
+    return decision, decision.stats()
 
 
 def test_expert_choice_each_expert_takes_exactly_its_capacity_and_never_padding():
@@ -209,7 +209,7 @@ def test_capacity_schedules_match_their_formula(schedule):
 
 def test_constant_schedule_and_linear_reverse_end_points():
     padding = torch.ones(3, 4, dtype=torch.bool)
-    inputs = RoutingContext(tiny_config(router_type="expert_choice"), padding, torch.arange(4).expand(3, 4))
+    inputs = routing_inputs_for(tiny_config(router_type="expert_choice"), padding, torch.arange(4).expand(3, 4))
     assert inputs.experts_per_group.tolist() == [2, 2, 2] and inputs.experts_per_token is None
     config = tiny_config(router_type="expert_choice", capacity_schedule="linear_reverse", capacity_min=1,
                          capacity_max=3)
@@ -219,9 +219,8 @@ def test_constant_schedule_and_linear_reverse_end_points():
 
 def test_schedule_without_mask_ratio_is_a_clear_error():
     config = tiny_config(router_type="expert_choice", capacity_schedule="linear")
-    inputs = RoutingContext(config, torch.ones(2, 4, dtype=torch.bool), torch.arange(4).expand(2, 4))
     with pytest.raises(ValueError, match="mask_ratio"):
-        inputs.experts_per_group
+        routing_inputs_for(config, torch.ones(2, 4, dtype=torch.bool), torch.arange(4).expand(2, 4))
 
 
 def test_expert_choice_capacity_follows_the_schedule_per_sequence():

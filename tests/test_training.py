@@ -274,7 +274,7 @@ def test_training_balances_with_bias_and_logs_router_stats(tokenizer, datasets, 
 
     def count(router, args, output):
         if router.training:
-            kept = output[1].assignment & args[1].padding_mask.unsqueeze(-1).bool()
+            kept = output[1].assignment & output[1].inputs.padding_mask.unsqueeze(-1)
             loads.append(kept.sum((0, 1)).double())
 
     for layer in model.model.layers:

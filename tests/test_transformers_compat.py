@@ -138,7 +138,7 @@ def test_rewinding_a_static_cache_makes_the_next_update_overwrite(start):
 def test_experts_implementation_hooks_are_still_consulted():
     compat.check_experts_implementation_hooks(DiffusionMoeForMaskedLM)
     model = DiffusionMoeForMaskedLM(tiny_config(router_type="expert_choice")).eval()
-    assert model.config._experts_implementation == "batched_mm"  # expert choice's default
+    assert model.config._experts_implementation == "expert_choice_static"  # expert choice's default
     model.set_experts_implementation("eager")
     assert model.config._experts_implementation == "eager", VERSION
     token_choice = DiffusionMoeForMaskedLM(tiny_config()).eval()

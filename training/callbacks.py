@@ -1,9 +1,9 @@
 """Trainer callbacks that watch the routers through forward hooks (no change to the model).
 
 Both attach a forward hook to every `DiffusionMoeRouter` of the model (found by class
-name, so PEFT-wrapped and remote-code models work too) and read its decision:
-`assignment` [B, L, E] (which expert processes which real token), `expert_index`
-(token-choice layouts) and `capacity`. Only training-mode forwards count. Under gradient checkpointing the
+name, so PEFT-wrapped and remote-code models work too) and read its decision (see
+routing_decisions): `assignment` [B, L, E] (which expert processes which token),
+`stats()`, and the `inputs` it was routed with (padding, routing units, mask ratios). Only training-mode forwards count. Under gradient checkpointing the
 recomputed forward is counted again, which scales every count by the same factor.
 """
 
@@ -12,18 +12,21 @@ import torch.distributed as dist
 from transformers import TrainerCallback
 
 from ..modeling.routing import DiffusionMoeRouter
+from ..modeling.routing_inputs import capacity_groups, unit_mask_ratio
 
 
 def find_routers(model) -> list[DiffusionMoeRouter]:
-    """Routers by class name, so a model loaded from remote code (a copy of the class) works too."""
-    routers = [m for m in model.modules() if type(m).__name__ == DiffusionMoeRouter.__name__]
+    """Routers by class name (of the rule's base class), so a model loaded from remote code
+    (a copy of the classes) works too."""
+    routers = [m for m in model.modules()
+               if any(cls.__name__ == DiffusionMoeRouter.__name__ for cls in type(m).__mro__)]
     if not routers:
         raise ValueError("the model has no DiffusionMoeRouter modules (is any layer a MoE layer?)")
     return routers
 
 
 class _RouterHooks(TrainerCallback):
-    """Attach `self.record(layer, router, args, decision)` to every router for the run."""
+    """Attach `self.record(layer, router, decision)` to every router for the run."""
 
     def __init__(self):
         self._handles = []
@@ -35,7 +38,7 @@ class _RouterHooks(TrainerCallback):
             def hook(module, args, output, layer=layer):
                 if module.training:  # the router returns (router_logits, decision)
                     with torch.no_grad():
-                        self.record(layer, module, args, output[1])
+                        self.record(layer, module, output[1])
             self._handles.append(router.register_forward_hook(hook))
 
     def detach(self):
@@ -74,7 +77,7 @@ class ExpertBiasUpdateCallback(_RouterHooks):
             self.update_rate = getattr(self.routers[0].config, "expert_bias_update_rate", 0.0)
         self.loads = torch.zeros(len(self.routers), self.routers[0].num_experts, device=self.routers[0].expert_bias.device)
 
-    def record(self, layer, router, args, decision):
+    def record(self, layer, router, decision):
         self.loads[layer] += decision.assignment.sum((0, 1)).to(self.loads)
 
     def on_step_end(self, args, state, control, **kwargs):
@@ -113,21 +116,24 @@ class RouterStatsCallback(_RouterHooks):
         self.bucket_sum = torch.zeros(self.num_buckets, dtype=torch.float64)
         self.bucket_count = torch.zeros(self.num_buckets, dtype=torch.float64)
 
-    def record(self, layer, router, args, decision):
-        routing = args[1]  # DiffusionMoeRouter.forward(hidden_states, routing)
-        padding_mask = routing.padding_mask
-        assignment = decision.assignment & padding_mask.unsqueeze(-1).bool()
+    def record(self, layer, router, decision):
+        inputs = decision.inputs
+        padding_mask = inputs.padding_mask
+        assignment = decision.assignment & padding_mask.unsqueeze(-1)
         load = assignment.sum((0, 1)).double().cpu()
         self.loads[layer] = self.loads.get(layer, 0) + load
         if getattr(decision, "expert_index", None) is not None:
             self.proposed += float(padding_mask.sum()) * decision.expert_index.shape[-1]
             self.kept += float(assignment.sum())
-        if routing.mask_ratio is None and routing.masked is None:
-            return  # no mask ratio to bucket by (inputs_embeds, or no mask_token_id)
         # one entry per routing unit (a sequence; each attention block of a block-causal model)
-        groups, real = routing.capacity_groups, routing.grouped_padding.sum(1)
+        groups = inputs.groups if inputs.groups is not None else capacity_groups(router.config, inputs.position_ids,
+                                                                                     inputs.static)
+        ratio = unit_mask_ratio(groups, padding_mask, inputs.mask_ratio, inputs.masked)
+        if ratio is None:
+            return  # no mask ratio to bucket by (inputs_embeds, or no mask_token_id)
+        real = groups.scatter(padding_mask, False).sum(1)
         per_group = groups.scatter(assignment.sum(-1), 0).sum(1).double() / real.clamp(min=1).double()
-        ratio = routing.group_mask_ratio.detach().double()
+        ratio = ratio.detach().double()
         bucket = (ratio * self.num_buckets).long().clamp(0, self.num_buckets - 1)
         used = (real > 0).double()
         self.bucket_sum.index_add_(0, bucket.cpu(), (per_group * used).cpu())
