@@ -6,7 +6,9 @@ One run prints one table, side by side:
   (a) a plain LLaDA-style loop that re-runs the whole sequence at every step,
   (b) our generate() without a cache, (c) with the exact prefix cache,
   (d) confidence threshold on vs off, (e) batch 1 vs batch 8,
-  (f) unique routed experts per layer per denoising forward, token choice vs block routing,
+  (f) unique routed experts per layer per denoising forward (dMoE's metric) for the four
+      routing rules on the same weights: token choice (c), dMoE's block coreset, LLaDA2.2's
+      block pool (--pool experts per block, default 48/256 of --experts) and expert choice,
   (g, h) static shapes (cache_implementation="static") eager and compiled with torch.compile
   (inductor; the compile itself is not timed), at batch 1 and batch B.
 The model is random; its lm_head is scaled up (--sharpen) so that its predictions are about
@@ -40,8 +42,9 @@ def build(args, router_type):
         num_hidden_layers=args.layers, num_attention_heads=args.hidden // 64, num_key_value_heads=args.hidden // 64,
         num_experts=args.experts, num_experts_per_tok=args.top_k, moe_intermediate_size=args.hidden // 2,
         router_type=router_type, router_score_function="sigmoid", attention_layout="block_causal",
-        block_size=args.block, block_router_size=args.block, block_router_min_experts=args.top_k,
-        mask_token_id=args.vocab - 1, eos_token_id=None, pad_token_id=0,
+        block_size=args.block, mask_token_id=args.vocab - 1, eos_token_id=None, pad_token_id=0,
+        **({"block_router_size": args.block, "block_router_min_experts": args.top_k} if router_type == "block" else {}),
+        expert_capacity=args.pool if router_type == "block_pool" else None,
     )
     model = DiffusionMoeForMaskedLM(config).eval()
     with torch.no_grad():
@@ -110,11 +113,14 @@ def main():
     for name, default in [("layers", 4), ("hidden", 256), ("experts", 32), ("top-k", 4), ("vocab", 1024),
                           ("prompt", 256), ("new", 256), ("block", 32), ("steps", 8), ("batch", 8)]:
         parser.add_argument(f"--{name}", type=int, default=default)
+    parser.add_argument("--pool", type=int, default=None, help="block pool size (default: 48/256 of --experts)")
     parser.add_argument("--threshold", type=float, default=0.9)
     parser.add_argument("--sharpen", type=float, default=30.0)
     parser.add_argument("--threads", type=int, default=1)
     parser.add_argument("--clock", choices=["cpu", "wall"], default="cpu")
     args = parser.parse_args()
+    if args.pool is None:
+        args.pool = max(args.top_k, round(args.experts * 48 / 256))
     torch.set_num_threads(args.threads)
     clock = time.process_time if args.clock == "cpu" else time.perf_counter
 
@@ -149,11 +155,14 @@ def main():
     add(f"(d) cache + threshold {args.threshold}", 1, t, out_d.num_forward_passes)
     out_e, t = timed(lambda: model.generate(prompts, **settings), clock)
     add(f"(e) cache, batch {args.batch}", args.batch, t, out_e.num_forward_passes)
-    block_model = build(args, "block")
-    block_model.load_state_dict(model.state_dict())  # same weights, only the routing policy differs
-    out_f, t = timed(lambda: block_model.generate(one, **settings), clock)
-    add("(f) cache, block routing", 1, t, out_f.num_forward_passes,
-        unique=out_f.router_stats["unique_experts_per_layer"])
+    rules = {"token choice": out_c.router_stats}
+    for rule, label in (("block", "dMoE block coreset"), ("block_pool", f"LLaDA2.2 pool of {args.pool}"),
+                        ("expert_choice", "expert choice")):
+        other = build(args, rule)
+        other.load_state_dict(model.state_dict())  # same weights, only the routing policy differs
+        out_f, t = timed(lambda: other.generate(one, **settings), clock)
+        add(f"(f) cache, {label}", 1, t, out_f.num_forward_passes, unique=out_f.router_stats["unique_experts_per_layer"])
+        rules[label] = out_f.router_stats
 
     static = dict(settings, cache_implementation="static")
     for batch, ids in ((1, one), (args.batch, prompts)):
@@ -183,11 +192,13 @@ def main():
     batch1_seconds = next(row[2] for row in rows if row[0].startswith("(c)"))
     print(f"  ceiling here: batch {args.batch} does {flops / 1e9:.0f} GFLOP, >= {floor:.2f} s at the best matmul rate "
           f"({rate / 1e9:.0f} GFLOP/s), so (e)/(c) <= {args.batch * batch1_seconds / floor:.2f}x on this machine")
-    tc, block = out_c.router_stats, out_f.router_stats
-    ratio = block["unique_experts_per_layer"] / tc["unique_experts_per_layer"]
-    print(f"unique experts/layer block / token choice: {ratio:.3f}"
-          f"  (target <= 0.5); expert bytes per forward {block['expert_bytes_per_forward'] / 2**20:.2f} MiB vs "
-          f"{tc['expert_bytes_per_forward'] / 2**20:.2f} MiB")
+    tc = rules["token choice"]
+    print(f"unique experts per layer per denoising forward (of {args.experts}; block of {args.block} tokens):")
+    for label, stats in rules.items():
+        ratio = stats["unique_experts_per_layer"] / tc["unique_experts_per_layer"]
+        target = "  (target <= 0.5)" if label == "dMoE block coreset" else ""
+        print(f"  {label:28s} {stats['unique_experts_per_layer']:6.2f}  x{ratio:.3f} of token choice{target}; "
+              f"expert bytes per forward {stats['expert_bytes_per_forward'] / 2**20:.2f} MiB")
 
 
 if __name__ == "__main__":

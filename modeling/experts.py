@@ -15,9 +15,9 @@ import torch
 from torch import nn
 from transformers.activations import ACT2FN
 from transformers.integrations import use_experts_implementation
-from transformers.integrations.moe import ExpertsInterface
 
 from .expert_choice_swiglu import expert_choice_swiglu
+from .transformers_compat import register_experts_function
 
 EXPERT_CHOICE_STATIC = "expert_choice_static"
 
@@ -28,7 +28,7 @@ def expert_choice_only(experts, hidden_states, top_k_index, top_k_weights):
                      'router_type="expert_choice" only.')
 
 
-ExpertsInterface.register(EXPERT_CHOICE_STATIC, expert_choice_only)
+register_experts_function(EXPERT_CHOICE_STATIC, expert_choice_only)
 
 
 @use_experts_implementation

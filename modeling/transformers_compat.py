@@ -108,6 +108,19 @@ class ExpertsImplementationSupport:
         return True
 
 
+def register_experts_function(name: str, function) -> None:
+    """Register `function` under `name` in Transformers' experts interface (what
+    `set_experts_implementation(name)` looks up), as `AttentionInterface.register` does for
+    attention; `ExpertsInterface` is not exported at Transformers' top level."""
+    try:
+        from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS, ExpertsInterface
+    except ImportError as error:  # pragma: no cover - only on an unsupported Transformers
+        raise incompatible("transformers.integrations.moe.ExpertsInterface") from error
+    ExpertsInterface.register(name, function)
+    if name not in ALL_EXPERTS_FUNCTIONS:
+        raise incompatible("ExpertsInterface.register")
+
+
 def check_experts_implementation_hooks(model_class) -> None:
     """Fail clearly if Transformers no longer consults the hooks `ExpertsImplementationSupport` overrides."""
     for name in ("_can_set_experts_implementation", "get_correct_experts_implementation"):

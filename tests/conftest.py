@@ -32,6 +32,8 @@ def tiny_config(**overrides) -> DiffusionMoeConfig:
         pad_token_id=0,
         max_position_embeddings=256,
     )
+    if overrides.get("router_type") == "block_pool":
+        values["expert_capacity"] = 4  # LLaDA2.2's pool of 48 of 256 experts, at 8 experts
     values.update(overrides)
     return DiffusionMoeConfig(**values)
 

@@ -20,7 +20,7 @@ from diffusion_moe.generation.generation_utils import DiffusionGenerateOutput
 from diffusion_moe.modeling.modeling_diffusion_moe import DiffusionMoeForMaskedLM
 
 PAD, EOS, MASK, V = 61, 62, 63, 64
-ROUTERS = ("token_choice", "expert_choice", "block")
+ROUTERS = ("token_choice", "expert_choice", "block", "block_pool")
 
 
 def tiny_model(layout="block_causal", router="token_choice", seed=0, sharpen=8.0, **overrides):
@@ -30,7 +30,7 @@ def tiny_model(layout="block_causal", router="token_choice", seed=0, sharpen=8.0
         vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, mask_token_id=MASK,
         eos_token_id=EOS, pad_token_id=PAD, attention_layout=layout, block_size=4, router_type=router,
-        block_router_size=4, block_router_min_experts=2,
+        block_router_size=4, block_router_min_experts=2, expert_capacity=4 if router == "block_pool" else None,
     )
     kwargs.update(overrides)
     model = DiffusionMoeForMaskedLM(DiffusionMoeConfig(**kwargs)).eval()

@@ -13,6 +13,7 @@ ROUTERS = [
     dict(router_type="expert_choice"),
     dict(router_type="expert_choice", capacity_schedule="linear_reverse"),
     dict(router_type="block", router_score_function="sigmoid", block_router_size=4),
+    dict(router_type="block_pool", router_score_function="sigmoid", block_size=4, expert_capacity=3),
 ]
 
 

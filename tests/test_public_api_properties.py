@@ -22,6 +22,7 @@ ROUTERS = st.sampled_from([
     dict(router_type="token_choice"),
     dict(router_type="expert_choice"),
     dict(router_type="block", router_score_function="sigmoid", block_router_size=4),
+    dict(router_type="block_pool", router_score_function="sigmoid", expert_capacity=3),
 ])
 ANY_VALUE = st.one_of(
     st.none(), st.booleans(), st.integers(-3, 300), st.floats(allow_nan=True, allow_infinity=True, width=32),

@@ -28,7 +28,7 @@ from llada2_reference import (
     write_llada2_checkpoint,
 )
 
-ROUTERS = ("token_choice", "expert_choice", "block")
+ROUTERS = ("token_choice", "expert_choice", "block", "block_pool")
 V, PAD, MASK = 8, 6, 7  # tokens 0..5; no EOS (generation runs to the end, so every token is compared)
 NO_EOS = -1  # the references' eos_id: a token never produced
 
@@ -47,7 +47,8 @@ def near_uniform_model(router, seed, mask_row="mean"):
     wherever token 0 leads with a positive logit.
     """
     torch.manual_seed(seed)
-    block = {"block_router_size": 4, "block_router_min_experts": 2} if router == "block" else {}
+    block = {"block": {"block_router_size": 4, "block_router_min_experts": 2},
+             "block_pool": {"expert_capacity": 4}}.get(router, {})
     config = DiffusionMoeConfig(
         vocab_size=V, hidden_size=32, intermediate_size=64, num_hidden_layers=2, num_attention_heads=4,
         num_key_value_heads=2, num_experts=8, num_experts_per_tok=2, moe_intermediate_size=16, mask_token_id=MASK,

@@ -131,12 +131,14 @@ def test_sft_collator_never_masks_prompt_and_pads_with_eos(tokenizer):
     assert collator.encode(features[1])[1] == len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
 
 
-@pytest.mark.parametrize("router", ["token_choice", "expert_choice", "block"])
+@pytest.mark.parametrize("router", ["token_choice", "expert_choice", "block", "block_pool"])
 def test_two_stream_batch_for_block_causal(tokenizer, router):
     # expert choice selects within each attention block of each stream (positions restart
-    # in the clean half), so clean tokens never compete with noisy ones for expert slots
+    # in the clean half), so clean tokens never compete with noisy ones for expert slots;
+    # a block pool is admitted by its own block of its own stream
     config = tiny_config(tokenizer, attention_layout="block_causal", router_type=router,
-                         router_score_function="sigmoid" if router == "block" else "softmax", block_router_size=8)
+                         router_score_function="softmax" if router in ("token_choice", "expert_choice") else "sigmoid",
+                         block_router_size=8, expert_capacity=3 if router == "block_pool" else None)
     collator = DiffusionPretrainCollator.from_config(config, tokenizer)
     torch.manual_seed(0)
     clean = torch.randint(5, 200, (2, 24))

@@ -135,6 +135,27 @@ def test_rewinding_a_static_cache_makes_the_next_update_overwrite(start):
     assert int(cache.get_seq_length()) == start + 4
 
 
+def test_our_experts_function_is_registered_where_transformers_looks_it_up():
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+    from diffusion_moe.modeling.experts import EXPERT_CHOICE_STATIC, expert_choice_only
+
+    assert ALL_EXPERTS_FUNCTIONS.get_interface(EXPERT_CHOICE_STATIC, None) is expert_choice_only, VERSION
+    model = DiffusionMoeForMaskedLM(tiny_config(router_type="expert_choice")).eval()
+    model.set_experts_implementation("eager")
+    model.set_experts_implementation(EXPERT_CHOICE_STATIC)  # a name Transformers accepts
+    assert model.config._experts_implementation == EXPERT_CHOICE_STATIC, VERSION
+
+
+def test_output_recorders_can_be_installed_before_a_compiled_forward():
+    model = DiffusionMoeForMaskedLM(tiny_config()).eval()
+    compat.install_output_recorders(model.base_model)
+    hooked = [m for m in model.modules() if m._forward_hooks]
+    assert any(type(m).__name__ == "TokenChoiceRouter" for m in hooked), VERSION
+    out = model(torch.randint(1, 60, (1, 4)), output_router_decisions=True, output_router_logits=True)
+    assert len(out.router_decisions) == len(out.router_logits) == 2, VERSION
+
+
 def test_experts_implementation_hooks_are_still_consulted():
     compat.check_experts_implementation_hooks(DiffusionMoeForMaskedLM)
     model = DiffusionMoeForMaskedLM(tiny_config(router_type="expert_choice")).eval()
