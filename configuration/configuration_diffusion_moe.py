@@ -112,6 +112,7 @@ FIELD_TYPES = {
     "attention_dropout": "unit",
     "use_qk_norm": "bool",
     "norm_topk_prob": "bool",
+    "batch_level_expert_choice": "bool",
     "tie_word_embeddings": "bool",
     "router_type": ROUTER_TYPES,
     "router_score_function": ROUTER_SCORE_FUNCTIONS,
@@ -277,6 +278,11 @@ class DiffusionMoeConfig(SavesRemoteCode, PretrainedConfig):
             capacity_min).
         n_group / topk_group: group-limited top-k (token choice and block routers; expert
             choice ignores groups because experts pick tokens).
+        batch_level_expert_choice: expert choice only (EC-DLM's `moe_batch_level_expert_choice`):
+            each expert picks its C = max(floor(T_real * k / E), 1) tokens among all real tokens
+            of the batch (k: the largest of its sequences' scheduled k) instead of per sequence,
+            so a sequence's routing depends on the rest of its batch. Bidirectional models only
+            (a block-causal model's capacity must stay within an attention block).
         routed_scaling_mode: `"constant"` (gates x `routed_scaling_factor`) or `"ec_dlm"`
             (EC-DLM's `--enable-scaling-factor`: expert choice multiplies a token's gates by
             EC-DLM's factor for its number of choosing experts, token choice by EC-DLM's
@@ -346,6 +352,7 @@ class DiffusionMoeConfig(SavesRemoteCode, PretrainedConfig):
         block_router_top_p=0.6,
         block_router_min_experts=None,
         expert_capacity=None,
+        batch_level_expert_choice=False,
         loss_weighting="elbo",
         pad_token_id=None,
         bos_token_id=None,
@@ -397,6 +404,7 @@ class DiffusionMoeConfig(SavesRemoteCode, PretrainedConfig):
         self.block_router_top_p = block_router_top_p
         self.block_router_min_experts = block_router_min_experts
         self.expert_capacity = expert_capacity
+        self.batch_level_expert_choice = batch_level_expert_choice
         self.loss_weighting = loss_weighting
         super().__init__(
             pad_token_id=pad_token_id,
@@ -667,6 +675,11 @@ class DiffusionMoeConfig(SavesRemoteCode, PretrainedConfig):
                 f"a divisor of block_size ({self.block_size}) for block-causal models, so that a coreset never "
                 "depends on a later attention block", self,
             )
+        if self.batch_level_expert_choice:
+            _require(self.attention_layout == "bidirectional", "batch_level_expert_choice",
+                     "False for block-causal models: batch-level capacity would let later blocks (and other "
+                     "sequences' blocks) take an earlier block's experts, breaking block causality and the exact cache",
+                     self)
         if self.router_type == "block_pool":
             most = k if self.capacity_schedule == "constant" else self.capacity_max
             _require(isinstance(self.expert_capacity, int) and most <= self.expert_capacity <= E, "expert_capacity",
@@ -689,6 +702,8 @@ class DiffusionMoeConfig(SavesRemoteCode, PretrainedConfig):
         ignored = []
         if self.router_type == "block_pool" and self.n_group is not None:
             ignored.append(f"n_group={self.n_group} / topk_group={self.topk_group} (the pool takes a plain top-k)")
+        if self.router_type != "expert_choice" and self.batch_level_expert_choice:
+            ignored.append("batch_level_expert_choice=True (router_type='expert_choice' only)")
         if self.router_type != "block_pool" and self.expert_capacity is not None:
             ignored.append(f"expert_capacity={self.expert_capacity} (router_type='block_pool' only)")
         if self.router_type == "expert_choice":

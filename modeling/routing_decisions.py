@@ -42,7 +42,8 @@ class RouterStats:
     num_unique_experts: [B] distinct experts used by each sequence's real tokens.
     expert_mask: [B, L, E] bool, which expert processed which token.
     capacity: [B] per-expert token budget per sequence (expert choice, or token choice
-        with a capacity factor); None when routing is dropless token choice or block.
+        with a capacity factor; batch-level expert choice: the batch's, on every row); None
+        when routing is dropless token choice or block.
     dropped_fraction: fraction of token-choice assignments dropped by capacity (0 else), a
         0-d tensor (reading it back is left to the caller: no host sync here).
     """

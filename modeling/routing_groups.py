@@ -77,3 +77,26 @@ class GroupedView:
     def per_sequence_sum(self, values: torch.Tensor) -> torch.Tensor:
         """Sum a per-group [B*G] quantity over each sequence's groups -> [B]."""
         return values.new_zeros(self.batch_size).index_add_(0, self.sequence_of_group, values)
+
+
+class BatchGroup(GroupedView):
+    """One group holding every token of the batch, [B, L, ...] -> [1, B*L, ...]: EC-DLM's
+    batch-level expert choice (`moe_batch_level_expert_choice`), where sequences compete for
+    expert capacity. Per-sequence sums give the batch's value on every row."""
+
+    def __init__(self, batch_size: int, length: int, device):
+        self.batch_size, self.length = batch_size, length
+        self.groups_per_sequence, self.size, self.identity = 1, batch_size * length, False
+        self.row = torch.zeros(batch_size, length, dtype=torch.long, device=device)
+        self.slot = torch.arange(batch_size * length, device=device).view(batch_size, length)
+        self.sequence_of_group = torch.zeros(1, dtype=torch.long, device=device)
+        self.flat_index = self.slot.reshape(1, -1)
+
+    def scatter(self, x: torch.Tensor, fill) -> torch.Tensor:
+        return x.reshape(1, self.size, *x.shape[2:])
+
+    def gather(self, y: torch.Tensor) -> torch.Tensor:
+        return y.reshape(self.batch_size, self.length, *y.shape[2:])
+
+    def per_sequence_sum(self, values: torch.Tensor) -> torch.Tensor:
+        return values.expand(self.batch_size)

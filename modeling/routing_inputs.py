@@ -18,7 +18,7 @@ from dataclasses import dataclass
 import torch
 
 from .capacity_schedules import expert_capacity, scheduled_experts
-from .routing_groups import GroupedView, chunk_runs
+from .routing_groups import BatchGroup, GroupedView, chunk_runs
 
 
 def routing_groups(position_ids: torch.Tensor, chunk: int | None, static: bool) -> GroupedView:
@@ -92,6 +92,9 @@ class RoutingInputs:
                     )
                 k = scheduled_experts(config, ratio)
                 fields["experts_per_token"] = groups.per_group(k)
+            if router_class.chooses_tokens and config.batch_level_expert_choice:
+                # EC-DLM: experts choose among the whole batch, with the largest k of its sequences
+                groups, real, k = BatchGroup(*padding_mask.shape, padding_mask.device), real.sum(0, True), k.amax(0, True)
             fields.update(groups=groups, real_per_group=real, experts_per_group=k)
             if router_class.chooses_tokens:
                 fields.update(zip(("expert_choice_capacity", "expert_choice_slots"),

@@ -5,7 +5,7 @@ import pytest
 import torch
 
 from diffusion_moe.modeling.ec_dlm_scaling import ec_scaling_factors, tc_scaling_factor
-from ec_dlm_reference import compute_ec_scaling_factors, compute_tc_scaling_factor
+from ec_dlm_reference import compute_ec_scaling_factors, compute_tc_scaling_factor, expert_choice_softmax_batch_level
 
 
 @pytest.mark.parametrize("experts, shared", [(4, 1), (8, 2), (12, 1)])
@@ -96,3 +96,64 @@ def test_ec_dlm_mode_refuses_settings_it_is_not_defined_for(overrides, field):
     values.update(overrides)
     with pytest.raises(ValueError, match=field):
         tiny_config(**values)
+
+
+# --- batch-level expert choice (EC-DLM's --moe-batch-level-expert-choice) -----------------------
+
+
+def batch_level_router(batch_level=True, **overrides):
+    from conftest import tiny_config
+    from diffusion_moe.modeling.routing import build_router
+
+    config = tiny_config(router_type="expert_choice", batch_level_expert_choice=batch_level, **overrides)
+    router = build_router(config)
+    torch.nn.init.normal_(router.weight)
+    return router
+
+
+def decide(router, logits, padding=None, mask_ratio=None):
+    from diffusion_moe.modeling.routing import routing_inputs_for
+
+    B, L, _ = logits.shape
+    padding = torch.ones(B, L, dtype=torch.bool) if padding is None else padding
+    positions = (padding.long().cumsum(-1) - 1).clamp(min=0)
+    return router.decide(logits, routing_inputs_for(router.config, padding, positions, mask_ratio))
+
+
+@pytest.mark.parametrize("scaled", [False, True])
+def test_batch_level_expert_choice_equals_ec_dlms(scaled):
+    from diffusion_moe.modeling.ec_dlm_scaling import ec_scaling_factors
+
+    overrides = dict(num_shared_experts=1, routed_scaling_mode="ec_dlm") if scaled else {}
+    router = batch_level_router(**overrides)
+    logits = torch.randn(3, 10, 8)
+    decision = decide(router, logits)
+    factors = ec_scaling_factors(8, 1) if scaled else None
+    gates, chosen, per_token = expert_choice_softmax_batch_level(logits.view(30, 8), 2, factors)
+    assert torch.equal(decision.chosen.view(30, 8), chosen)  # 30 * 2 // 8 = 7 tokens per expert, batch-wide
+    assert chosen.sum(0).tolist() == [7] * 8 and decision.capacity.tolist() == [7, 7, 7]
+    torch.testing.assert_close(dense_gates(decision, 30, 8), gates, rtol=1e-6, atol=1e-7)
+    per_sequence = decide(batch_level_router(False, **overrides), logits)
+    assert not torch.equal(per_sequence.chosen, decision.chosen)  # sequences now compete
+
+
+def test_batch_level_expert_choice_skips_padding_and_takes_the_largest_scheduled_k():
+    """Our extension: padding takes no capacity (EC-DLM's batches have none), so a padded batch
+    routes its real tokens as EC-DLM routes the real tokens alone; under a capacity schedule
+    EC-DLM's batch-level k is the largest of its samples' k."""
+    router = batch_level_router(capacity_schedule="linear_reverse", capacity_min=1, capacity_max=3)
+    logits = torch.randn(2, 12, 8)
+    padding = torch.tensor([[0] * 4 + [1] * 8, [1] * 12]).bool()
+    ratio = torch.tensor([1.0, 0.5])  # k = 1 and 2: the batch uses 2
+    decision = decide(router, logits, padding, ratio)
+    real = padding.bool()
+    _, chosen, _ = expert_choice_softmax_batch_level(logits[real], 2)  # 20 real tokens * 2 // 8 = 5
+    assert torch.equal(decision.chosen[real], chosen) and not decision.chosen[~real].any()
+
+
+def test_batch_level_expert_choice_is_for_bidirectional_expert_choice():
+    from conftest import tiny_config
+
+    with pytest.raises(ValueError, match="batch_level_expert_choice"):
+        tiny_config(router_type="expert_choice", batch_level_expert_choice=True, attention_layout="block_causal")
+    assert "batch_level_expert_choice=True" in " ".join(tiny_config(batch_level_expert_choice=True).ignored_settings())
