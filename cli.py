@@ -33,13 +33,15 @@ def build_parser() -> argparse.ArgumentParser:
         sub.add_argument("--overwrite", action="store_true", help="replace a non-empty DST once the new one is written")
         sub.add_argument("--max-shard-size", default="5GB", help="largest output shard, e.g. 5GB or 500MB")
 
-    llada2 = formats.add_parser("llada2", help="LLaDA2-MoE (or dMoE) checkpoint -> diffusion-moe")
+    llada2 = formats.add_parser("llada2", help="LLaDA2-MoE (dMoE, LLaDA2.2) checkpoint -> diffusion-moe")
     common(llada2)
     llada2.add_argument("--mask-token-id", type=int, default=LLADA2_MASK_TOKEN_ID)
-    llada2.add_argument("--eos-token-id", type=int, default=LLADA2_EOS_TOKEN_ID)
+    llada2.add_argument("--eos-token-id", type=int, nargs="+", default=None,
+                        help="stop token id(s) (default: the source's generation_config.json, else its config.json, "
+                             f"else {LLADA2_EOS_TOKEN_ID})")
     llada2.add_argument("--decoding", choices=tuple(DECODING_PRESETS), default=None,
-                        help="generation defaults (default: LLaDA2.1 editing if the source's generation_config.json "
-                             "sets it, else llada2.0)")
+                        help="generation defaults (default: llada2.2 for a LLaDA2.2 source; else LLaDA2.1 editing if "
+                             "the source's generation_config.json sets it, else llada2.0)")
     common(formats.add_parser("to-llada2", help="diffusion-moe checkpoint -> LLaDA2-MoE layout"))
     commands.add_parser(
         "eval", add_help=False,
@@ -95,7 +97,9 @@ def main(argv=None) -> int:
     try:
         if args.format == "llada2":
             dst = convert_llada2_to_diffusion_moe(
-                args.src, args.dst, mask_token_id=args.mask_token_id, eos_token_id=args.eos_token_id,
+                args.src, args.dst, mask_token_id=args.mask_token_id,
+                eos_token_id=args.eos_token_id[0] if args.eos_token_id and len(args.eos_token_id) == 1
+                else args.eos_token_id,
                 dtype=args.dtype, overwrite=args.overwrite, max_shard_size=args.max_shard_size,
                 decoding=args.decoding,
             )

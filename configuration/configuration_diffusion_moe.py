@@ -127,6 +127,8 @@ FIELD_TYPES = {
     "mask_token_id": "id",
     "pad_token_id": "id",
     "bos_token_id": "id",
+    "delete_token_id": "id",
+    "split_token_id": "id",
     # derived when None; checked after the fields they derive from
     "head_dim": "int>0",
     "capacity_min": "int>0",
@@ -259,6 +261,9 @@ class DiffusionMoeConfig(SavesRemoteCode, PretrainedConfig):
     Transformer fields follow Llama/Qwen3-MoE naming. Diffusion fields:
         mask_token_id: id of the `[MASK]` token (needed to derive the mask ratio; may be None
             if every forward gets an explicit `mask_ratio`).
+        delete_token_id / split_token_id: LLaDA2.2's edit-operation tokens (names as in its
+            config.json): with both set, `generate(..., editing_threshold=...)` runs LLaDA2.2's
+            Levenshtein editing, where a position may be deleted or split in two.
         attention_layout: `"bidirectional"` (full attention, LLaDA) or `"block_causal"`
             (bidirectional inside aligned blocks of `block_size`, causal across, LLaDA2).
     MoE fields (README, "Routing"):
@@ -326,6 +331,8 @@ class DiffusionMoeConfig(SavesRemoteCode, PretrainedConfig):
         initializer_range=0.02,
         attention_dropout=0.0,
         mask_token_id=None,
+        delete_token_id=None,
+        split_token_id=None,
         attention_layout="bidirectional",
         block_size=32,
         num_experts=64,
@@ -378,6 +385,8 @@ class DiffusionMoeConfig(SavesRemoteCode, PretrainedConfig):
         self.initializer_range = initializer_range
         self.attention_dropout = attention_dropout
         self.mask_token_id = mask_token_id
+        self.delete_token_id = delete_token_id
+        self.split_token_id = split_token_id
         self.attention_layout = attention_layout
         self.block_size = block_size
         self.num_experts = num_experts
@@ -675,6 +684,13 @@ class DiffusionMoeConfig(SavesRemoteCode, PretrainedConfig):
                 f"a divisor of block_size ({self.block_size}) for block-causal models, so that a coreset never "
                 "depends on a later attention block", self,
             )
+        if (self.delete_token_id is None) != (self.split_token_id is None):
+            missing = "delete_token_id" if self.delete_token_id is None else "split_token_id"
+            _require(False, missing, "set together with `delete_token_id` / `split_token_id` (LLaDA2.2's edit "
+                     "operations come as a pair)", self)
+        if self.delete_token_id is not None:
+            _require(len({self.delete_token_id, self.split_token_id, self.mask_token_id}) == 3, "split_token_id",
+                     "an id different from `delete_token_id` and `mask_token_id`", self)
         if self.batch_level_expert_choice:
             _require(self.attention_layout == "bidirectional", "batch_level_expert_choice",
                      "False for block-causal models: batch-level capacity would let later blocks (and other "

@@ -1,4 +1,9 @@
-"""Convert LLaDA2-MoE checkpoints (LLaDA2.0-mini, dMoE-16B) to diffusion-moe and back.
+"""Convert LLaDA2-MoE checkpoints (LLaDA2.0-mini, LLaDA2.1, dMoE-16B, LLaDA2.2) to diffusion-moe and back.
+
+The router follows the config: plain LLaDA2 is sigmoid group-limited token choice, dMoE's
+`mode` / `core_threshold` is `router_type="block"`, and LLaDA2.2's `expert_capacity` is its
+block expert pool (`router_type="block_pool"`, pool per `block_size` block); LLaDA2.2's
+edit-operation ids (`delete_token_id`, `split_token_id`) and every EOS id carry over.
 
 Configs are mapped as dicts and tensors one at a time, so no model is ever built: a
 converted 16B checkpoint needs about one shard of memory, not the model. The only
@@ -76,9 +81,11 @@ _SHARED_FIELDS = (
     "moe_intermediate_size", "num_shared_experts", "first_k_dense_replace", "n_group", "topk_group",
     "routed_scaling_factor", "norm_topk_prob",
 )
+# LLaDA2.2's additions (its block pool and edit operations), same names and meanings here
+_LLADA22_FIELDS = ("expert_capacity", "block_size", "delete_token_id", "split_token_id")
 # Every LLaDA2 field that decides the computation: a round trip must preserve these.
-LLADA2_MODEL_FIELDS = (*_SHARED_FIELDS, "model_type", "score_function", "use_bias", "use_qkv_bias", "norm_head",
-                       "rope_scaling", "pad_token_id")
+LLADA2_MODEL_FIELDS = (*_SHARED_FIELDS, *_LLADA22_FIELDS, "model_type", "score_function", "use_bias", "use_qkv_bias",
+                       "norm_head", "rope_scaling", "pad_token_id")
 _DMOE_BLOCK_SIZE = 32  # dMoE's gate votes over fixed 32-token chunks
 _EXPERT_PROJS = ("gate_proj", "up_proj", "down_proj")
 
@@ -91,12 +98,14 @@ def llada2_field(config: dict, name: str):
 
 
 def diffusion_moe_config_from_llada2(
-    llada2: dict, mask_token_id: int = LLADA2_MASK_TOKEN_ID, eos_token_id: int = LLADA2_EOS_TOKEN_ID
+    llada2: dict, mask_token_id: int = LLADA2_MASK_TOKEN_ID, eos_token_id: int | list[int] = LLADA2_EOS_TOKEN_ID
 ) -> DiffusionMoeConfig:
-    """Map a LLaDA2 (or dMoE) `config.json` dict to a validated DiffusionMoeConfig.
+    """Map a LLaDA2 (dMoE, LLaDA2.2) `config.json` dict to a validated DiffusionMoeConfig.
 
     A dMoE config (`mode="aggregate"`, `core_threshold`) becomes `router_type="block"` with
-    `block_router_top_p=core_threshold`; plain LLaDA2 becomes sigmoid token choice.
+    `block_router_top_p=core_threshold`; a LLaDA2.2 config (`expert_capacity`) becomes
+    `router_type="block_pool"` over its `block_size`; plain LLaDA2 becomes sigmoid token
+    choice. `eos_token_id` may be a list (LLaDA2.2 stops on two ids): every id is kept.
     """
     if llada2.get("model_type") != "llada2_moe":
         raise ValueError(f"config.json: `model_type` must be 'llada2_moe'; got {llada2.get('model_type')!r}")
@@ -113,9 +122,12 @@ def diffusion_moe_config_from_llada2(
         raise ValueError(f"config.json: `rope_scaling` must be null; got {llada2['rope_scaling']!r} (not supported)")
     if llada2.get("use_rmsnorm", True) is not True:
         raise ValueError(f"config.json: `use_rmsnorm` must be true; got {llada2['use_rmsnorm']!r} (RMSNorm only)")
-    for name, value in (("mask_token_id", mask_token_id), ("eos_token_id", eos_token_id)):
-        if not isinstance(value, int) or not 0 <= value < llada2["vocab_size"]:
+    ids = [("mask_token_id", mask_token_id)]
+    ids += [("eos_token_id", value) for value in (eos_token_id if isinstance(eos_token_id, list) else [eos_token_id])]
+    for name, value in ids:
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value < llada2["vocab_size"]:
             raise ValueError(f"`{name}` must be a token id in [0, vocab_size={llada2['vocab_size']}); got {value!r}")
+    first_eos = ids[1][1]
     fields = {name: llada2_field(llada2, name) for name in _SHARED_FIELDS}
     if not fields["norm_topk_prob"]:
         logger.warning(
@@ -126,12 +138,20 @@ def diffusion_moe_config_from_llada2(
         norm_topk_prob=True,
         router_score_function=llada2_field(llada2, "score_function"),
         attention_layout="block_causal",
-        block_size=32,
+        block_size=llada2.get("block_size", 32),
         mask_token_id=mask_token_id,
         eos_token_id=eos_token_id,
-        pad_token_id=llada2.get("pad_token_id", eos_token_id),
+        pad_token_id=llada2.get("pad_token_id", first_eos),
         bos_token_id=llada2.get("bos_token_id"),
+        delete_token_id=llada2.get("delete_token_id"),
+        split_token_id=llada2.get("split_token_id"),
     )
+    pooled = llada2.get("expert_capacity") is not None
+    if pooled and ("mode" in llada2 or "core_threshold" in llada2):
+        raise ValueError("config.json: both LLaDA2.2's `expert_capacity` and dMoE's `mode` / `core_threshold` are set: "
+                         "one block router only")
+    if pooled:  # LLaDA2.2: n_group / topk_group stay in its config, unused by its router
+        fields.update(router_type="block_pool", expert_capacity=llada2["expert_capacity"])
     if "mode" in llada2 or "core_threshold" in llada2:
         if llada2.get("mode", "aggregate") != "aggregate":
             raise ValueError(f"config.json: dMoE `mode` must be 'aggregate'; got {llada2['mode']!r}")
@@ -154,6 +174,9 @@ def llada2_config_from_diffusion_moe(config: DiffusionMoeConfig) -> dict:
             "`norm_topk_prob=False`, but LLaDA2's gate always renormalises the top-k weights: the converted "
             "checkpoint will weight its experts differently."
         )
+    if config.router_type == "block_pool" and config.attention_layout != "block_causal":
+        logger.warning("LLaDA2.2's block pool runs block-causal attention: the converted checkpoint keeps the pool "
+                       "but not attention_layout='bidirectional'.")
     if config.router_type == "expert_choice" or config.capacity_factor is not None:
         logger.warning(
             "LLaDA2 routes by dropless token choice: the converted checkpoint keeps the weights, but not "
@@ -175,19 +198,26 @@ def llada2_config_from_diffusion_moe(config: DiffusionMoeConfig) -> dict:
         out["bos_token_id"] = config.bos_token_id
     if config.router_type == "block":
         out.update(mode="aggregate", core_threshold=config.block_router_top_p)
+    if config.router_type == "block_pool":  # a LLaDA2.2 checkpoint
+        out.update(expert_capacity=config.expert_capacity, block_size=config.block_size)
+    if config.delete_token_id is not None:
+        out.update(delete_token_id=config.delete_token_id, split_token_id=config.split_token_id)
     return out
 
 
-# LLaDA2.1's token editing, as its model card recommends: "quality" and "speed" modes
+# LLaDA2.1's token editing, as its model card recommends: "quality" and "speed" modes; LLaDA2.2's
+# Levenshtein editing with its published defaults (block 32, 32 steps, threshold 0.5, editing 0.0,
+# 16 post steps), which needs the checkpoint's delete / split ids
 DECODING_PRESETS = {
     "llada2.0": {"threshold": 0.95},
     "llada2.1-quality": {"threshold": 0.7, "editing_threshold": 0.5, "max_post_steps": 16},
     "llada2.1-speed": {"threshold": 0.5, "editing_threshold": 0.0, "max_post_steps": 16},
+    "llada2.2": {"threshold": 0.5, "editing_threshold": 0.0, "max_post_steps": 16},
 }
 _EDITING_FIELDS = ("threshold", "editing_threshold", "max_post_steps")
 
 
-def llada2_generation_config(mask_token_id: int, eos_token_id: int, pad_token_id: int, decoding: str = "llada2.0",
+def llada2_generation_config(mask_token_id: int, eos_token_id, pad_token_id: int, decoding: str = "llada2.0",
                              source: dict | None = None) -> dict:
     """LLaDA2's `generate` defaults under DiffusionGenerationConfig's field names: block 32,
     32 steps (one token per step at least), greedy, the `decoding` preset's thresholds. A
@@ -403,7 +433,7 @@ def convert_llada2_to_diffusion_moe(
     src,
     dst,
     mask_token_id: int = LLADA2_MASK_TOKEN_ID,
-    eos_token_id: int = LLADA2_EOS_TOKEN_ID,
+    eos_token_id: int | list[int] | None = None,
     dtype=None,
     overwrite: bool = False,
     max_shard_size="5GB",
@@ -413,11 +443,13 @@ def convert_llada2_to_diffusion_moe(
 
     `dst` gets fused-expert safetensors shards with an index, `config.json` (block-causal,
     block 32, sigmoid group-limited token choice; block routing for dMoE), the flat
-    remote-code files and LLaDA2's generation defaults. `dtype`: "auto" / None keeps the
+    remote-code files and LLaDA2's generation defaults. `eos_token_id`: one id or a list;
+    None takes every id of the source's generation_config.json (LLaDA2.2 has two), else of
+    its config.json, else 156892. `dtype`: "auto" / None keeps the
     source dtype, else "float32", "bfloat16" or "float16". `decoding`: the generation
-    defaults, one of DECODING_PRESETS ("llada2.0", "llada2.1-quality", "llada2.1-speed");
-    None takes LLaDA2.1's editing settings from the source's generation_config.json when it
-    has them, else LLaDA2.0's. (LLaDA2.1 checkpoints share LLaDA2.0's config.json fields,
+    defaults, one of DECODING_PRESETS ("llada2.0", "llada2.1-quality", "llada2.1-speed",
+    "llada2.2"); None takes "llada2.2" for a LLaDA2.2 source, else LLaDA2.1's editing
+    settings from the source's generation_config.json when it has them, else LLaDA2.0's. (LLaDA2.1 checkpoints share LLaDA2.0's config.json fields,
     weights and token ids; only the router bias may be stored in fp32, which the converter
     keeps in fp32 anyway.) Nothing is written to `dst` unless the whole conversion succeeds.
     """
@@ -428,15 +460,23 @@ def convert_llada2_to_diffusion_moe(
         raise ValueError(f"`decoding` must be one of {tuple(DECODING_PRESETS)}; got {decoding!r}")
     check_destination(dst, overwrite, src)
     llada2 = read_json(src / "config.json", "LLaDA2 config.json")
+    source = src / "generation_config.json"
+    source = read_json(source, "LLaDA2 generation_config.json") if source.is_file() else None
+    if eos_token_id is None:
+        eos_token_id = next((found for found in ((source or {}).get("eos_token_id"), llada2.get("eos_token_id"))
+                             if found is not None), LLADA2_EOS_TOKEN_ID)
     config = diffusion_moe_config_from_llada2(llada2, mask_token_id, eos_token_id)
+    if decoding is None and config.router_type == "block_pool":
+        decoding = "llada2.2"
+    if decoding == "llada2.2" and config.delete_token_id is None:
+        raise ValueError("`decoding='llada2.2'` is LLaDA2.2's Levenshtein editing: the source config.json has no "
+                         "`delete_token_id` / `split_token_id` (use 'llada2.1-speed' for LLaDA2.1's token editing)")
     files = shard_files(src)
     plan, expected = _llada2_plan(llada2)
     _check_tensors(tensor_shapes(files), expected, src)
     with atomic_output_dir(dst, overwrite, src) as out:
         config.dtype = _stream(files, plan, out, dtype, max_shard_size)
         config.save_pretrained(out)
-        source = src / "generation_config.json"
-        source = read_json(source, "LLaDA2 generation_config.json") if source.is_file() else None
         write_json(out / "generation_config.json", llada2_generation_config(
             mask_token_id, eos_token_id, config.pad_token_id, decoding or "llada2.0", source))
         save_remote_code(out)

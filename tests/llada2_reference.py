@@ -279,7 +279,8 @@ def reference_forward(weights, config, input_ids, allowed, router="token_choice"
     """Logits [B, L, V] (float64) and, per MoE layer, the chosen experts [B][L] -> sorted list.
 
     `allowed` is the [L][L] attention pattern shared by the batch (no padding).
-    `block_router`: dict(size, top_p, min_experts) for router="block" (dMoE).
+    `block_router`: dict(size, top_p, min_experts) for router="block" (dMoE); router="block_pool"
+    is LLaDA2.2's (config["block_size"], config["expert_capacity"]).
     """
     w = {k: v.double() for k, v in weights.items()}
     B, L = input_ids.shape
@@ -321,6 +322,13 @@ def reference_forward(weights, config, input_ids, allowed, router="token_choice"
             if router == "block":
                 index, weight = dmoe_gate(logits, bias, config, block_router["top_p"], block_router["min_experts"],
                                           block_router["size"])
+            elif router == "block_pool":  # LLaDA2.2's gate (tests/llada2_2_reference.py)
+                from llada2_2_reference import hub_block_routing_reference
+
+                index, weight = hub_block_routing_reference(
+                    logits[0], bias, config["block_size"], config["expert_capacity"],
+                    config["num_experts_per_tok"], config["routed_scaling_factor"])
+                weight = weight.double()
             else:
                 index, weight = llada2_gate(logits, bias, config)
             chosen_seq = []

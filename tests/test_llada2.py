@@ -428,3 +428,73 @@ def test_generation_defaults_follow_llada20_or_llada21(llada2, tmp_path):
     assert model.generate(torch.randint(0, 155, (1, 5)), max_new_tokens=8).shape == (1, 13)
     with pytest.raises(ValueError, match="decoding"):
         convert_llada2_to_diffusion_moe(src, tmp_path / "bad", MASK, EOS, decoding="fast")
+
+
+# --- LLaDA2.2: block pool, edit-operation ids, two EOS ids ----------------------------------------
+
+DELETE, SPLIT = 158, 159
+
+
+@pytest.fixture(scope="module")
+def llada22(tmp_path_factory):
+    folder = tmp_path_factory.mktemp("llada22")
+    config = tiny_llada2_config(expert_capacity=4, block_size=32, delete_token_id=DELETE, split_token_id=SPLIT,
+                                rope_theta=3000000, max_position_embeddings=1024)
+    weights = random_llada2_weights(config, seed=3)
+    write_llada2_checkpoint(folder, config, weights, num_shards=2)
+    (folder / "generation_config.json").write_text(json.dumps({"eos_token_id": [EOS, 154], "pad_token_id": 155}))
+    return folder, config, weights
+
+
+def test_llada22_converts_to_the_block_pool_and_routes_as_its_gate(llada22, tmp_path):
+    src, config, weights = llada22
+    dst = convert_llada2_to_diffusion_moe(src, tmp_path / "out", mask_token_id=MASK)
+    saved = json.loads((dst / "config.json").read_text())
+    assert (saved["router_type"], saved["expert_capacity"], saved["block_size"]) == ("block_pool", 4, 32)
+    assert (saved["delete_token_id"], saved["split_token_id"], saved["eos_token_id"]) == (DELETE, SPLIT, [EOS, 154])
+    assert (saved["rope_theta"], saved["n_group"], saved["topk_group"]) == (3000000, 4, 2)  # groups kept, unused
+    generation = json.loads((dst / "generation_config.json").read_text())
+    assert generation["eos_token_id"] == [EOS, 154]
+    assert (generation["threshold"], generation["editing_threshold"], generation["max_post_steps"]) == (0.5, 0.0, 16)
+    model = _load(dst)
+    input_ids = torch.randint(0, 155, (2, 64), generator=torch.Generator().manual_seed(4))
+    input_ids[:, 40:] = MASK
+    allowed = block_causal_allowed(64, 32)
+    ref_logits, ref_routing = reference_forward(weights, config, input_ids, allowed, "block_pool")
+    with torch.no_grad():
+        out = model(input_ids, output_router_stats=True)
+    assert _chosen_experts(out.router_stats) == ref_routing
+    assert (out.logits.double() - ref_logits).abs().max().item() < 1e-4
+    used = [chunk.any(1).sum(-1).max().item() for layer in out.router_stats
+            for chunk in layer.expert_mask.split(32, dim=1)]
+    assert max(used) <= 4  # one pool of expert_capacity per block
+    assert reference_forward(weights, config, input_ids, allowed)[1] != ref_routing  # not token choice
+    # back to LLaDA2.2, bit for bit, with its fields
+    back = convert_diffusion_moe_to_llada2(dst, tmp_path / "back")
+    restored, round_tripped = read_weights(back), json.loads((back / "config.json").read_text())
+    assert set(restored) == set(weights) and all(torch.equal(restored[k], v) for k, v in weights.items())
+    for name in LLADA2_MODEL_FIELDS:
+        assert llada2_field(round_tripped, name) == llada2_field(config, name), name
+
+
+def test_a_retrofit_to_the_block_pool_converts_to_a_llada22_checkpoint(converted, tmp_path):
+    model = _load(converted, router_type="block_pool", expert_capacity=4)
+    model.save_pretrained(tmp_path / "pooled")
+    back = json.loads((convert_diffusion_moe_to_llada2(tmp_path / "pooled", tmp_path / "back") / "config.json")
+                      .read_text())
+    assert (back["expert_capacity"], back["block_size"]) == (4, 32)
+    again = convert_llada2_to_diffusion_moe(tmp_path / "back", tmp_path / "again", MASK, EOS, decoding="llada2.0")
+    assert json.loads((again / "config.json").read_text())["router_type"] == "block_pool"
+
+
+def test_llada22_ids_are_checked_by_name(llada2, tmp_path):
+    with pytest.raises(ValueError, match="split_token_id"):
+        diffusion_moe_config_from_llada2(tiny_llada2_config(delete_token_id=DELETE), MASK, EOS)
+    with pytest.raises(ValueError, match="expert_capacity"):
+        diffusion_moe_config_from_llada2(tiny_llada2_config(expert_capacity=9), MASK, EOS)  # more than 8 experts
+    with pytest.raises(ValueError, match="one block router"):
+        diffusion_moe_config_from_llada2(tiny_llada2_config(expert_capacity=4, mode="aggregate"), MASK, EOS)
+    with pytest.raises(ValueError, match="eos_token_id"):
+        diffusion_moe_config_from_llada2(tiny_llada2_config(), MASK, [EOS, 999])
+    with pytest.raises(ValueError, match="delete_token_id"):  # LLaDA2.2's decoding needs its edit ids
+        convert_llada2_to_diffusion_moe(llada2[0], tmp_path / "x", MASK, EOS, decoding="llada2.2")
