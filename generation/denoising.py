@@ -12,6 +12,8 @@ not care which one runs:
   are. Committed tokens are final.
 * `TokenEditing` (LLaDA2.1, `editing_threshold` set): the same mask filling with a fixed
   minimum per step, plus edits of the block's decided tokens, until the block settles.
+* `LevenshteinEditing` (LLaDA2.2, `editing_threshold` set on a model with delete / split
+  ids; levenshtein_editing.py): edits may also delete a position or split it in two.
 
 Both also answer `start_block(block, editable)` and `before_step(block)` with the [B]
 samples that have nothing (more) to do, so the loop can stop when every sample is done.
@@ -138,8 +140,9 @@ class MaskFilling:
     def active(self, block: torch.Tensor) -> torch.Tensor:
         return (block == self.mask_token_id) & self.editable
 
-    def update(self, block: torch.Tensor, tokens: torch.Tensor, confidence: torch.Tensor):
-        """(the block with this step's commits, [B] whether each sample's block is done)."""
+    def update(self, block: torch.Tensor, tokens: torch.Tensor, confidence: torch.Tensor, scores=None):
+        """(the block with this step's commits, [B] whether each sample's block is done).
+        `scores` [B, W, V], the processed scores, for rules that re-predict (LLaDA2.2's)."""
         commit = select_commits(confidence, self.active(block), self.quotas[self.step], self.threshold)
         self.step += 1
         block = torch.where(commit, tokens, block)
@@ -168,9 +171,12 @@ class TokenEditing:
         self.max_post_steps = config.max_post_steps
         self.num_to_transfer = max(config.block_length // config.steps, 1)
         self.mask_token_id = mask_token_id
+        self.edits = None  # [B] substitutions over the whole call
 
     def start_block(self, block: torch.Tensor, editable: torch.Tensor) -> torch.Tensor:
         self.editable = editable
+        if self.edits is None:
+            self.edits = torch.zeros(editable.shape[0], dtype=torch.long, device=editable.device)
         self.post_steps = torch.zeros(editable.shape[0], dtype=torch.long, device=editable.device)
         self.over = ~editable.any(-1)
         self.max_steps = -(-block.shape[-1] // self.num_to_transfer) + self.max_post_steps
@@ -187,7 +193,7 @@ class TokenEditing:
         self.over = self.over | (self.post_steps > self.max_post_steps)
         return self.over
 
-    def update(self, block: torch.Tensor, tokens: torch.Tensor, confidence: torch.Tensor):
+    def update(self, block: torch.Tensor, tokens: torch.Tensor, confidence: torch.Tensor, scores=None):
         skip = self.over
         active = self.active(block) & ~skip.unsqueeze(1)
         threshold = float("inf") if self.threshold is None else self.threshold
@@ -199,5 +205,6 @@ class TokenEditing:
         editable = ~active & self.editable & ~skip.unsqueeze(1)
         t2t = editable & (confidence > self.editing_threshold) & (tokens != block)
         new_block = torch.where(m2t | t2t, tokens, block)
+        self.edits += t2t.sum(-1)
         self.over = skip | (~active.any(-1) & ~t2t.any(-1))
         return new_block, self.over

@@ -26,6 +26,7 @@ _DIFFUSION_DEFAULTS = {
     "threshold": None,
     "editing_threshold": None,
     "max_post_steps": 0,
+    "max_steps_per_block": None,
     "eos_early_stop": False,
     "mask_token_id": None,
     "output_history": False,
@@ -86,6 +87,11 @@ class DiffusionGenerationConfig(GenerationConfig):
             `num_to_transfer`; steps = block_length gives its 1), and `threshold` (None =
             never) fills all masks above it. LLaDA2.1's model card recommends threshold 0.7
             / editing 0.5 ("quality") or 0.5 / 0.0 ("speed"), max_post_steps 16.
+            On a model whose config sets LLaDA2.2's `delete_token_id` / `split_token_id`, the
+            same settings run LLaDA2.2's Levenshtein editing (levenshtein_editing.py): an
+            edit may also delete a position or split it in two, the block keeping its length;
+            `max_steps_per_block` (None = 1000) bounds its steps per block. LLaDA2.2's
+            defaults: threshold 0.5, editing 0.0, max_post_steps 16, block 32, steps 32.
         eos_early_stop: stop a sequence as soon as it has committed an EOS with everything
             before it decided (by default it stops after the block in which EOS appeared).
             With editing an EOS may still be edited away, so a sequence stops after the
@@ -161,6 +167,10 @@ class DiffusionGenerationConfig(GenerationConfig):
         )
         _require(isinstance(self.max_post_steps, int) and self.max_post_steps >= 0, "max_post_steps",
                  "an integer >= 0", self)
+        _require(self.max_steps_per_block is None or _positive_int(self.max_steps_per_block), "max_steps_per_block",
+                 "None (LLaDA2.2's 1000) or a positive integer", self)
+        _require(self.max_steps_per_block is None or self.editing_threshold is not None, "max_steps_per_block",
+                 "None unless `editing_threshold` is set (it bounds LLaDA2.2's editing)", self)
         _require(self.max_post_steps == 0 or self.editing_threshold is not None, "max_post_steps",
                  "0 unless `editing_threshold` is set (post steps only edit)", self)
         _require(self.remasking in REMASKING_STRATEGIES, "remasking", f"one of {REMASKING_STRATEGIES}", self)

@@ -52,6 +52,7 @@ from .block_runners import (
     static_block_step,
 )
 from .denoising import MaskFilling, TokenEditing, only_mask_left, predict
+from .levenshtein_editing import LevenshteinEditing
 from .generate_checks import canvas_length, check_length, check_memory, check_prompts
 from .generation_config_diffusion import DEFAULT_MAX_NEW_TOKENS, DiffusionGenerationConfig
 from .logits_processing import BlockOffsets, build_logits_processors, build_stopping_criteria
@@ -72,6 +73,9 @@ class DiffusionGenerateOutput(CacheOutput):
     num_forward_passes: denoising forwards (prefill and cache-extension forwards excluded).
     tokens_per_forward: [B] answer tokens (up to EOS / stop) per denoising forward the
         sample took part in (DiffusionGemma's statistic).
+    edits: with editing (`editing_threshold`), [B] counts per row over the whole call:
+        `substitutions` (a decided token replaced by another), and under LLaDA2.2's editing
+        `deletions` and `insertions` (splits); None without editing.
     router_stats: dMoE's routing metric over the denoising forwards:
         `unique_experts_per_layer` (distinct routed experts chosen by the current block's
         tokens, averaged over MoE layers, samples, then forwards), `unique_experts_per_forward`,
@@ -86,6 +90,7 @@ class DiffusionGenerateOutput(CacheOutput):
     num_forward_passes: int | None = None
     tokens_per_forward: torch.FloatTensor | None = None
     router_stats: dict | None = None
+    edits: dict | None = None
     cache: PrefixCache | None = None
 
 
@@ -158,6 +163,14 @@ class DiffusionGenerationMixin:
                 f"The prompt contains the mask token (mask_token_id={config.mask_token_id}); "
                 "prompts must be clean text."
             )
+        if self._levenshtein_editing(config):
+            for name in ("delete_token_id", "split_token_id"):
+                if ((input_ids == getattr(self.config, name)) & attention_mask).any():
+                    raise ValueError(f"The prompt contains LLaDA2.2's edit token ({name}="
+                                     f"{getattr(self.config, name)}); prompts must be clean text.")
+        elif config.max_steps_per_block is not None:
+            raise ValueError("`max_steps_per_block` bounds LLaDA2.2's Levenshtein editing: the model config sets no "
+                             "`delete_token_id` / `split_token_id`.")
         if streamer is not None and input_ids.shape[0] * (config.num_return_sequences or 1) != 1:
             raise ValueError("Streaming (`streamer`) supports batch size 1 only, like Transformers' text streamers.")
         if (config.num_return_sequences or 1) > 1 and config.greedy:
@@ -268,7 +281,10 @@ class DiffusionGenerationMixin:
         row_forwards = torch.zeros(B, dtype=torch.long, device=x.device)
         forwards = torch.zeros((), dtype=torch.long, device=x.device)
         history, routing = [], []
-        rule = (MaskFilling if config.editing_threshold is None else TokenEditing)(config, mask_id)
+        if self._levenshtein_editing(config):
+            rule = LevenshteinEditing(config, mask_id, self.config.delete_token_id, self.config.split_token_id)
+        else:
+            rule = (MaskFilling if config.editing_threshold is None else TokenEditing)(config, mask_id)
         drafts = streamer is not None and hasattr(streamer, "put_draft")
 
         if streamer is not None:
@@ -297,7 +313,7 @@ class DiffusionGenerationMixin:
                         fallback = block_offsets.process(processors, logits, answer)
                 tokens, confidence = predict(scores, config.greedy, config.remasking, mask_id, fallback)
                 took_part = ~done
-                block, done = rule.update(x[:, s:e], tokens, confidence)
+                block, done = rule.update(x[:, s:e], tokens, confidence, scores)
                 x[:, s:e] = block
                 row_forwards += took_part
                 forwards += took_part.any()
@@ -353,8 +369,13 @@ class DiffusionGenerationMixin:
             num_forward_passes=int(forwards),
             tokens_per_forward=kept.float() / row_forwards.clamp(min=1).float(),
             router_stats=self._router_summary(routing),
+            edits=_edit_counts(rule),
             cache=prefix_cache,
         )
+
+    def _levenshtein_editing(self, config) -> bool:
+        """LLaDA2.2's editing: editing asked for, on a model with its edit-operation ids."""
+        return config.editing_threshold is not None and getattr(self.config, "delete_token_id", None) is not None
 
     def _block_runner(self, config, x, real, collect):
         if self.config.attention_layout == "bidirectional":
@@ -408,6 +429,15 @@ def _should_stop(done: torch.Tensor, pending: deque, static: bool) -> bool:
     if not static:
         return bool(done.all())
     return len(pending) >= 2 and bool(pending.popleft())
+
+
+def _edit_counts(rule) -> dict | None:
+    edits = getattr(rule, "edits", None)
+    if edits is None:
+        return None
+    if edits.dim() == 1:  # LLaDA2.1's editing substitutes only
+        return {"substitutions": edits}
+    return dict(zip(("substitutions", "deletions", "insertions"), edits.unbind(-1)))
 
 
 def _block_causal_layout(input_ids, attention_mask, config, N):

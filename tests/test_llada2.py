@@ -498,3 +498,24 @@ def test_llada22_ids_are_checked_by_name(llada2, tmp_path):
         diffusion_moe_config_from_llada2(tiny_llada2_config(), MASK, [EOS, 999])
     with pytest.raises(ValueError, match="delete_token_id"):  # LLaDA2.2's decoding needs its edit ids
         convert_llada2_to_diffusion_moe(llada2[0], tmp_path / "x", MASK, EOS, decoding="llada2.2")
+
+
+def test_a_converted_llada22_checkpoint_decodes_with_levenshtein_editing_as_the_reference(llada22, tmp_path):
+    """End to end on a real (random) model: the converted checkpoint's generation defaults are
+    LLaDA2.2's, generate() runs its Levenshtein editing, and the tokens equal the transcribed
+    reference loop on the model's own uncached forward."""
+    from llada2_2_editing_reference import llada22_answer, reference_generate_llada22
+
+    src, _, _ = llada22
+    model = _load(convert_llada2_to_diffusion_moe(src, tmp_path / "out", mask_token_id=MASK))
+    ids = torch.randint(0, 150, (1, 5), generator=torch.Generator().manual_seed(5))
+    torch.manual_seed(0)
+    out = model.generate(ids, max_new_tokens=40, return_dict_in_generate=True)
+    assert set(out.edits) == {"substitutions", "deletions", "insertions"}
+    torch.manual_seed(0)
+    x, _ = reference_generate_llada22(lambda x: model(x).logits, ids, 40, 32, 32, 0.5, 0.0, 16, MASK, DELETE, SPLIT,
+                                      (EOS, 154))
+    want = llada22_answer(x, 5, 40, (EOS, 154))[0].tolist()
+    assert out.sequences[0, 5:5 + len(want)].tolist() == want
+    torch.manual_seed(0)
+    assert torch.equal(model.generate(ids, max_new_tokens=40, use_cache=False), out.sequences)
