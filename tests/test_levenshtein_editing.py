@@ -181,3 +181,88 @@ def test_today_editing_is_unchanged_without_edit_ids_and_edit_ids_in_prompts_are
         plain.generate(ids, max_new_tokens=4, block_length=BLOCK, steps=4, editing_threshold=0.0, max_steps_per_block=9)
     assert model.generate(ids, max_new_tokens=4, block_length=BLOCK, steps=4, return_dict_in_generate=True).edits \
         is None  # no editing asked for: LLaDA2.0's rule
+
+
+# --- named scenarios (FluxServe's parity harness style: a block's tokens -> per-position probabilities)
+
+
+def rows(dists):
+    """Logits [len(dists), V] giving each position the probabilities `dists[i]` (the rest uniform)."""
+    out = torch.empty(len(dists), V)
+    for i, dist in enumerate(dists):
+        rest = (1 - sum(dist.values())) / (V - len(dist))
+        out[i] = torch.log(torch.tensor(rest))
+        for token, p in dist.items():
+            out[i, token] = torch.log(torch.tensor(p))
+    return out
+
+
+def scenario(block_to_dists):
+    table = {}
+
+    def fn(block, slot):
+        if block not in table:
+            table[block] = rows(block_to_dists(list(block)))
+        return table[block][slot]
+    return fn
+
+
+def fill(tokens, p=0.95):
+    return [{t: p} for t in tokens]
+
+
+A = [3, 4, 5, 6]
+
+
+def delete_at_the_end(b):  # [3,4,5,6] -> DELETE at the last slot -> [3,4,5,M(new)] -> 9
+    if b == A:
+        return fill([3, 4, 5, DELETE])
+    if b == [3, 4, 5, MASK]:
+        return fill([3, 4, 5, 9])
+    return fill([t if t != MASK else A[i] for i, t in enumerate(b)])
+
+
+def split_pushes_out(b):  # SPLIT at slot 1 -> [3,M,4,5]: 6 falls off the block -> 9
+    if b == A:
+        return fill([3, SPLIT, 5, 6])
+    if b == [3, MASK, 4, 5]:
+        return fill([3, 9, 4, 5])
+    return fill([t if t != MASK else A[i] for i, t in enumerate(b)]) if MASK in b else fill(b)
+
+
+def final_round(b):  # DELETE keeps being proposed at slot 0 (second choice 17); the final round takes 17
+    if b.count(MASK) == 4:
+        return fill(A)
+    dists = [{DELETE: 0.6, 17: 0.3}] + [{t: 0.9} for t in b[1:]]
+    if b[-1] == MASK:
+        dists[-1] = {7: 0.3}
+    return dists
+
+
+def toggles(b):  # slots 0 and 1 flip 3 <-> 7 and 4 <-> 8 (second choices 10, 11): the loop guard ends it
+    if MASK in b:
+        return fill(A)
+    d0 = {3: {7: .8, 10: .15}, 7: {3: .8, 10: .15}}.get(b[0], {b[0]: .9})
+    d1 = {4: {8: .8, 11: .15}, 8: {4: .8, 11: .15}}.get(b[1], {b[1]: .9})
+    return [d0, d1, {b[2]: .9}, {b[3]: .9}]
+
+
+@pytest.mark.parametrize("name, dists, post, answer", [
+    ("delete at the block end", delete_at_the_end, 16, [3, 4, 5, 9]),
+    ("a split pushes a token out", split_pushes_out, 16, [3, 9, 4, 5]),
+    ("the final round forbids DELETE", final_round, 2, [17, 5, 6, 7]),
+    ("no post steps: the filling step is the final round",
+     lambda b: [{3: .9}, {DELETE: .6, 9: .3}, {5: .9}, {6: .9}], 0, [3, 9, 5, 6]),
+    ("the loop guard", toggles, 16, [10, 11, 5, 6]),
+])
+def test_named_edit_scenarios(name, dists, post, answer):
+    fn = scenario(dists)
+    model = scripted_model(fn)
+    ids = torch.tensor([[1, 2, 3, 4]])
+    for seed in range(3):
+        torch.manual_seed(seed)
+        want, _ = reference(fn, ids, 4, 0.5, 0.0, post, 4, None)
+        torch.manual_seed(seed)
+        got = model.generate(ids, max_new_tokens=4, block_length=BLOCK, steps=4, threshold=0.5, editing_threshold=0.0,
+                             max_post_steps=post, eos_token_id=None)
+        assert got[0].tolist() == want.tolist() == [1, 2, 3, 4] + answer, name
