@@ -518,3 +518,22 @@ def test_router_stats_report_no_drops_without_a_capacity():
     capped = route(make_router(capacity_factor=0.5), left_padded([6, 3], 6))[1]
     kept = capped.expert_mask.sum().item()
     assert float(capped.dropped_fraction) == pytest.approx(1 - kept / (9 * 2))
+
+
+def test_expert_choice_gates_with_one_expert_per_token_are_not_renormalised():
+    """k = 1: as LLaDA2's gate, the weight is the score itself (times the scaling factor), even
+    for a token two experts chose; renormalising would give every gate 1/choosers."""
+    from diffusion_moe.modeling.routing import build_router, routing_inputs_for
+
+    config = tiny_config(router_type="expert_choice", num_experts_per_tok=1, router_score_function="sigmoid",
+                         routed_scaling_factor=2.0, num_experts=4)
+    router = build_router(config)
+    logits = torch.randn(1, 8, 4)
+    decision = router.decide(logits, routing_inputs_for(config, torch.ones(1, 8, dtype=torch.bool),
+                                                        torch.arange(8).view(1, 8)))
+    gates = torch.zeros(8, 4).index_put_((decision.token_index.reshape(-1),
+                                          torch.arange(4).view(1, 4, 1).expand_as(decision.token_index).reshape(-1)),
+                                         decision.gates.reshape(-1), accumulate=True)
+    chosen = decision.chosen.view(8, 4)
+    assert (chosen.sum(-1) > 1).any()  # a token two experts chose (this draw has one)
+    torch.testing.assert_close(gates, logits.view(8, 4).sigmoid() * 2.0 * chosen, rtol=0, atol=1e-6)
