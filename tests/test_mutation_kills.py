@@ -537,3 +537,24 @@ def test_expert_choice_gates_with_one_expert_per_token_are_not_renormalised():
     chosen = decision.chosen.view(8, 4)
     assert (chosen.sum(-1) > 1).any()  # a token two experts chose (this draw has one)
     torch.testing.assert_close(gates, logits.view(8, 4).sigmoid() * 2.0 * chosen, rtol=0, atol=1e-6)
+
+
+def test_router_losses_are_computed_only_for_a_nonzero_coefficient():
+    from diffusion_moe import DiffusionMoeForMaskedLM
+
+    ids = torch.randint(1, 63, (2, 8))
+    labels = ids.clone()
+    for aux, z in ((0.0, 0.1), (0.5, 0.0)):
+        model = DiffusionMoeForMaskedLM(tiny_config(router_aux_loss_coef=aux, router_z_loss_coef=z)).train()
+        out = model(ids.masked_fill(torch.rand(2, 8) < 0.5, 63), labels=labels)
+        assert (out.aux_loss is None) == (aux == 0) and (out.z_loss is None) == (z == 0)
+        extra = (aux * out.aux_loss if aux else 0) + (z * out.z_loss if z else 0)
+        assert out.loss.item() == pytest.approx((out.diffusion_loss + extra).item(), rel=1e-6)
+
+
+def test_router_stats_carry_the_capacity_and_a_single_tokens_drops():
+    ec = route(make_router(router_type="expert_choice"), left_padded([6, 3], 6))
+    assert ec[1].capacity.tolist() == ec[0].capacity.tolist() == [max(6 * 2 // 8, 1), max(3 * 2 // 8, 1)]
+    # one real token, k = 1, capacity 1: its one assignment is kept, nothing dropped
+    decision, stats = route(make_router(num_experts_per_tok=1, capacity_factor=1.0), left_padded([1], 4))
+    assert stats.expert_mask.sum().item() == 1 and float(stats.dropped_fraction) == 0.0
