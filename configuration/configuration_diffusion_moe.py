@@ -306,6 +306,31 @@ class DiffusionMoeConfig(SavesRemoteCode, PretrainedConfig):
 
     model_type = "diffusion_moe"
     keys_to_ignore_at_inference = ["cache", "past_key_values"]
+    # Transformers' distributed engine (`from_pretrained(..., distributed_config=DistributedConfig(...))`),
+    # as Qwen3-MoE declares it: tensor parallel attention, dense MLP, shared and routed experts
+    base_model_tp_plan = {
+        "layers.*.self_attn.q_proj": "colwise",
+        "layers.*.self_attn.k_proj": "colwise",
+        "layers.*.self_attn.v_proj": "colwise",
+        "layers.*.self_attn.q_norm": "replicated_with_grad_allreduce",
+        "layers.*.self_attn.k_norm": "replicated_with_grad_allreduce",
+        "layers.*.self_attn.o_proj": "rowwise",
+        "layers.*.mlp.experts.gate_up_proj": "packed_colwise",
+        "layers.*.mlp.experts.down_proj": "rowwise",
+        "layers.*.mlp.experts": "moe_tp_experts",
+        "layers.*.mlp.shared_experts.gate_proj": "colwise",
+        "layers.*.mlp.shared_experts.up_proj": "colwise",
+        "layers.*.mlp.shared_experts.down_proj": "rowwise",
+        "layers.*.mlp.gate_proj": "colwise",
+        "layers.*.mlp.up_proj": "colwise",
+        "layers.*.mlp.down_proj": "rowwise",
+    }
+    # expert parallel: whole experts per rank, the token layouts' (index, weight) pairs dispatched by Transformers
+    base_model_ep_plan = {
+        "layers.*.mlp.experts.gate_up_proj": "grouped_gemm",
+        "layers.*.mlp.experts.down_proj": "grouped_gemm",
+        "layers.*.mlp.experts": "ep_dispatch_experts",
+    }
 
     head_dim = _derived_property("head_dim")
     capacity_min = _derived_property("capacity_min")

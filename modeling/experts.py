@@ -15,6 +15,7 @@ import torch
 from torch import nn
 from transformers.activations import ACT2FN
 from transformers.integrations import use_experts_implementation
+from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
 from .expert_choice_swiglu import expert_choice_swiglu
 from .transformers_compat import register_experts_function
@@ -23,12 +24,36 @@ EXPERT_CHOICE_STATIC = "expert_choice_static"
 
 
 def expert_choice_only(experts, hidden_states, top_k_index, top_k_weights):
-    """The token layout under "expert_choice_static": never reached (the model refuses the name for other rules)."""
-    raise ValueError(f'experts_implementation="{EXPERT_CHOICE_STATIC}" is expert choice\'s dispatch: use it with '
-                     'router_type="expert_choice" only.')
+    """The token layout under "expert_choice_static": reached only by expert choice's slots
+    sent as tokens (under Transformers' expert parallelism, which dispatches token layouts),
+    which run as Transformers' `grouped_mm` (the model refuses the name for other rules)."""
+    return ALL_EXPERTS_FUNCTIONS["grouped_mm"](experts, hidden_states, top_k_index, top_k_weights)
 
 
 register_experts_function(EXPERT_CHOICE_STATIC, expert_choice_only)
+
+
+def slots_as_tokens(hidden_states, token_index, gates):
+    """Expert choice's slots as token-layout inputs: (rows [E*G*C] of the flattened batch,
+    their hidden states [E*G*C, H], the expert of each [E*G*C, 1], its gate [E*G*C, 1]),
+    expert-major."""
+    G, E, C = token_index.shape
+    rows = token_index.transpose(0, 1).reshape(-1)
+    flat_hidden = hidden_states.reshape(-1, hidden_states.shape[-1])
+    expert_of_slot = torch.arange(E, device=rows.device).repeat_interleave(G * C).unsqueeze(1)
+    slots = flat_hidden.index_select(0, rows)
+    return rows, slots, expert_of_slot, gates.transpose(0, 1).reshape(-1, 1).to(slots.dtype)
+
+
+def dispatch_slots_as_tokens(experts, hidden_states, token_index, gates):
+    """Expert choice through the experts module's token layout (`experts` called as a module,
+    so whatever wraps its forward runs): what Transformers' expert parallelism dispatches,
+    each rank running its own experts' slots while the EP implementation exchanges or sums
+    the outputs. Returns [B, L, H]."""
+    rows, slots, expert_of_slot, slot_gates = slots_as_tokens(hidden_states, token_index, gates)
+    y = experts(slots, expert_of_slot, slot_gates)
+    flat = hidden_states.reshape(-1, hidden_states.shape[-1])
+    return torch.zeros_like(flat).index_add_(0, rows, y.to(flat.dtype)).view(hidden_states.shape)
 
 
 @use_experts_implementation
@@ -87,16 +112,17 @@ class DiffusionMoeExperts(DiffusionMoeTokenExperts):
         implementation ("eager", "grouped_mm", "batched_mm", ...) runs that experts function
         on the slots as tokens routed to one expert each.
         """
+        if self.config._experts_implementation != EXPERT_CHOICE_STATIC:
+            rows, slots, expert_of_slot, slot_gates = slots_as_tokens(hidden_states, token_index, gates)
+            y = super().forward(slots, expert_of_slot, slot_gates)
+            flat = hidden_states.reshape(-1, hidden_states.shape[-1])
+            return torch.zeros_like(flat).index_add_(0, rows, y.to(flat.dtype)).view(hidden_states.shape)
         B, L, H = hidden_states.shape
         G, E, C = token_index.shape
         rows = token_index.transpose(0, 1).reshape(-1)  # expert-major, so gathered rows are [E, G*C, H]
         gates = gates.transpose(0, 1).reshape(E, G * C)
         flat_hidden = hidden_states.reshape(B * L, H)
-        if self.config._experts_implementation != EXPERT_CHOICE_STATIC:
-            expert_of_slot = torch.arange(E, device=rows.device).repeat_interleave(G * C).unsqueeze(1)
-            slots = flat_hidden.index_select(0, rows)
-            y = super().forward(slots, expert_of_slot, gates.reshape(-1, 1).to(slots.dtype))
-        elif self.hidden_act in ("silu", "swish"):
+        if self.hidden_act in ("silu", "swish"):
             return expert_choice_swiglu(flat_hidden, rows, gates, self.gate_up_proj, self.down_proj).view(B, L, H)
         else:  # any other activation: the same maths through autograd
             x = flat_hidden.index_select(0, rows).view(E, G * C, H)

@@ -511,6 +511,7 @@ def output_flags(hidden_states=None, attentions=None, router_logits=None) -> dic
 
 class DiffusionMoeForMaskedLM(DiffusionGenerationMixin, DiffusionMoePreTrainedModel):
     _tied_weights_keys = {"lm_head.weight": "model.embed_tokens.weight"}
+    _tp_plan = {"lm_head": "colwise_gather_output"}
     # forward takes `num_items_in_batch`: Trainer then neither rescales the loss for
     # gradient accumulation nor needs to (the loss is normalised by the step's items)
     accepts_loss_kwargs = True

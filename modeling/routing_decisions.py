@@ -15,7 +15,9 @@ from functools import wraps
 
 import torch
 
+from .experts import dispatch_slots_as_tokens
 from .routing_inputs import RoutingInputs
+from .transformers_compat import is_expert_parallel
 
 
 def computed_once(method):
@@ -141,6 +143,8 @@ class ExpertChoiceRouting(RoutingDecision):
     chosen: torch.Tensor
 
     def dispatch(self, experts, hidden_states: torch.Tensor) -> torch.Tensor:
+        if is_expert_parallel(experts):  # Transformers' EP dispatches token layouts: the slots go as tokens
+            return dispatch_slots_as_tokens(experts, hidden_states, self.token_index, self.gates)
         return experts(hidden_states, token_index=self.token_index, gates=self.gates)
 
     @property

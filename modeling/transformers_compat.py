@@ -121,6 +121,13 @@ def register_experts_function(name: str, function) -> None:
         raise incompatible("ExpertsInterface.register")
 
 
+def is_expert_parallel(experts) -> bool:
+    """Whether Transformers' expert parallelism sharded this experts module (and replaced its
+    forward with its token-layout dispatch): the `_is_expert_parallel` flag its experts
+    wrapper sets to False and its `grouped_gemm` parameter style sets to True."""
+    return bool(getattr(experts, "_is_expert_parallel", False))
+
+
 def check_experts_implementation_hooks(model_class) -> None:
     """Fail clearly if Transformers no longer consults the hooks `ExpertsImplementationSupport` overrides."""
     for name in ("_can_set_experts_implementation", "get_correct_experts_implementation"):

@@ -76,3 +76,64 @@ def test_two_processes_keep_identical_weights_and_expert_bias(tmp_path):
         assert bias[0].item() == pytest.approx(-0.05 * 3), "rank 1's load reached rank 0 at each of the 3 steps"
     weight = "model.layers.0.mlp.experts.gate_up_proj"
     assert not torch.equal(rank0["final"][weight], rank0["initial"][weight]), "training moved the weights"
+
+
+# --- Transformers' distributed engine: tensor and expert parallelism for every router ------------
+
+PARALLEL_SCRIPT = textwrap.dedent(
+    """
+    import sys, torch, torch.distributed as dist
+    from transformers.distributed import DistributedConfig
+    from diffusion_moe import DiffusionMoeForMaskedLM
+    folder, mode = sys.argv[1], sys.argv[2]
+    configs = {"tp": DistributedConfig(tp_size=2),                  # attention, MLPs, experts, LM head sharded
+               "ep": DistributedConfig(ep_size=2, fsdp_size=2),     # EP x FSDP: tokens exchanged all-to-all
+               "tp_ep": DistributedConfig(tp_size=2, ep_size=2)}    # EP over the TP group: outputs all-reduced
+    out = {}
+    for router in ("token_choice", "expert_choice", "block", "block_pool"):
+        overrides = dict(router_type=router, distributed_config=configs[mode]) if mode != "one" else dict(
+            router_type=router)
+        model = DiffusionMoeForMaskedLM.from_pretrained(folder + "/ckpt", dtype=torch.float32, **overrides).eval()
+        ids = torch.randint(1, 60, (2, 12), generator=torch.Generator().manual_seed(0))
+        padding = torch.ones(2, 12, dtype=torch.long)
+        padding[1, :3] = 0
+        with torch.no_grad():
+            logits = model(ids, attention_mask=padding).logits
+        tokens = model.generate(ids, padding, max_new_tokens=8, block_length=4, steps=4, threshold=0.5)
+        out[router] = (logits, tokens)
+    if not dist.is_initialized() or dist.get_rank() == 0:
+        torch.save(out, f"{folder}/{mode}.pt")
+    """
+)
+
+
+def test_tensor_and_expert_parallel_runs_equal_one_process_for_every_router(tmp_path):
+    """Transformers' own engine on CPU (gloo): TP=2, EP=2 x FSDP=2 (all-to-all) and EP=2 over
+    TP=2 (all-reduce) give the one-process logits and greedy tokens, batched and cached."""
+    import sys as _sys
+    _sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+    from conftest import tiny_config
+    from diffusion_moe import DiffusionMoeForMaskedLM
+
+    DiffusionMoeForMaskedLM(tiny_config(num_shared_experts=1, router_score_function="sigmoid", expert_capacity=4,
+                                        attention_layout="block_causal", block_size=4, block_router_size=4,
+                                        block_router_min_experts=2)).save_pretrained(tmp_path / "ckpt")
+    script = tmp_path / "parallel.py"
+    script.write_text(PARALLEL_SCRIPT)
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, str(script), str(tmp_path), "one"], capture_output=True, text=True,
+                         timeout=300, env=env)
+    assert one.returncode == 0, one.stderr[-3000:]
+    for mode in ("tp", "ep", "tp_ep"):
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                   "127.0.0.1", "--master_port", str(free_port()), str(script), str(tmp_path), mode]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+        assert result.returncode == 0, (mode, result.stderr[-3000:])
+    reference = torch.load(tmp_path / "one.pt")
+    for mode in ("tp", "ep", "tp_ep"):
+        for router, (logits, tokens) in torch.load(tmp_path / f"{mode}.pt").items():
+            real = torch.ones(2, 12, dtype=torch.bool)
+            real[1, :3] = False
+            torch.testing.assert_close(logits[real], reference[router][0][real], rtol=1e-5, atol=1e-5,
+                                       msg=f"{mode} {router}")
+            assert torch.equal(tokens, reference[router][1]), (mode, router)

@@ -177,3 +177,15 @@ def test_output_recording_and_trainer_hooks_exist():
 def test_compatibility_errors_name_the_version_and_the_fix():
     message = str(compat.incompatible("thing"))
     assert transformers.__version__ in message and "upgrade-code" in message and "pip install -U" in message
+
+
+def test_transformers_still_marks_expert_parallel_experts():
+    """`is_expert_parallel` reads the flag Transformers' experts wrapper sets (False) and its EP
+    parameter style sets (True); tests/test_multiprocess.py runs the True side."""
+    from transformers.distributed.expert_parallel import MoEParamShard
+
+    from diffusion_moe.modeling.experts import DiffusionMoeExperts
+
+    experts = DiffusionMoeExperts(tiny_config())
+    assert experts._is_expert_parallel is False and not compat.is_expert_parallel(experts), VERSION
+    assert "_is_expert_parallel" in __import__("inspect").getsource(MoEParamShard.shard_param), VERSION
