@@ -15,10 +15,9 @@ import torch
 from torch import nn
 from transformers.activations import ACT2FN
 from transformers.integrations import use_experts_implementation
-from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
 
 from .expert_choice_swiglu import expert_choice_swiglu
-from .transformers_compat import register_experts_function
+from .transformers_compat import experts_function, register_experts_function
 
 EXPERT_CHOICE_STATIC = "expert_choice_static"
 
@@ -27,7 +26,7 @@ def expert_choice_only(experts, hidden_states, top_k_index, top_k_weights):
     """The token layout under "expert_choice_static": reached only by expert choice's slots
     sent as tokens (under Transformers' expert parallelism, which dispatches token layouts),
     which run as Transformers' `grouped_mm` (the model refuses the name for other rules)."""
-    return ALL_EXPERTS_FUNCTIONS["grouped_mm"](experts, hidden_states, top_k_index, top_k_weights)
+    return experts_function("grouped_mm")(experts, hidden_states, top_k_index, top_k_weights)
 
 
 register_experts_function(EXPERT_CHOICE_STATIC, expert_choice_only)

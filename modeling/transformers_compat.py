@@ -121,6 +121,13 @@ def register_experts_function(name: str, function) -> None:
         raise incompatible("ExpertsInterface.register")
 
 
+def experts_function(name: str):
+    """Transformers' registered experts function `name` (e.g. "grouped_mm")."""
+    from transformers.integrations.moe import ALL_EXPERTS_FUNCTIONS
+
+    return ALL_EXPERTS_FUNCTIONS[name]
+
+
 def is_expert_parallel(experts) -> bool:
     """Whether Transformers' expert parallelism sharded this experts module (and replaced its
     forward with its token-layout dispatch): the `_is_expert_parallel` flag its experts
