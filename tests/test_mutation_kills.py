@@ -558,3 +558,36 @@ def test_router_stats_carry_the_capacity_and_a_single_tokens_drops():
     # one real token, k = 1, capacity 1: its one assignment is kept, nothing dropped
     decision, stats = route(make_router(num_experts_per_tok=1, capacity_factor=1.0), left_padded([1], 4))
     assert stats.expert_mask.sum().item() == 1 and float(stats.dropped_fraction) == 0.0
+
+
+def test_each_blocks_mask_ratio_counts_only_its_own_real_tokens():
+    """Block-causal capacity groups of 4, 4 and 2 real tokens (row 0) and of 4, 4 and 1 (row 1,
+    left-padded): each block's k comes from its own masked / real count (linear_reverse, k 1..3)."""
+    from diffusion_moe.modeling.routing import routing_inputs_for
+
+    config = tiny_config(router_type="expert_choice", attention_layout="block_causal", block_size=4,
+                         capacity_schedule="linear_reverse", capacity_min=1, capacity_max=3)
+    padding = torch.ones(2, 10, dtype=torch.bool)
+    padding[1, 0] = False
+    masked = torch.zeros(2, 10, dtype=torch.bool)
+    masked[0, 4:6] = True  # row 0: block 1 half masked, the 2-token block 2 clean
+    masked[1, 9] = True  # row 1: its 1-token last block masked
+    positions = (padding.long().cumsum(-1) - 1).clamp(min=0)
+    inputs = routing_inputs_for(config, padding, positions, masked=masked)
+    # ratios 0, .5, 0 | 0, 0, 1 -> k = round(1 + 2 (1 - r)): 3, 2, 3 | 3, 3, 1
+    assert inputs.experts_per_group.tolist() == [3, 2, 3, 3, 3, 1]
+
+
+@pytest.mark.parametrize("top_p, coreset", [(0.75, [True, True, True, False]), (0.3, [True, False, False, False])])
+def test_the_coreset_keeps_the_vote_prefix_up_to_top_p_and_the_first_past_it(top_p, coreset):
+    """Votes 1/2, 1/4, 1/4, 0 (exact in binary): cumulative 1/2, 3/4, 1. With top_p = 3/4 the
+    prefix up to 3/4 is kept, plus the first expert past it; with 0.3 only the first expert."""
+    from diffusion_moe.modeling.routing import block_coreset
+    from diffusion_moe.modeling.routing_groups import GroupedView, chunk_runs
+
+    config = tiny_config(router_type="block", num_experts=4, num_experts_per_tok=1, block_router_size=4,
+                         block_router_min_experts=1, block_router_top_p=top_p)
+    scores = torch.tensor([[[.8, 0, 0, 0], [.8, 0, 0, 0], [0, .8, 0, 0], [0, 0, .8, 0]]])
+    padding = torch.ones(1, 4, dtype=torch.bool)
+    allowed = block_coreset(scores, padding, GroupedView(chunk_runs(torch.arange(4).view(1, 4), 4)), config)
+    assert allowed[0, 0].tolist() == coreset
