@@ -8,7 +8,7 @@ adapters on the attention projections and the fused expert weights (peft
 `target_parameters`) instead of the full model.
 
     python examples/demo.py                        # or examples/pretrain.py, then:
-    python examples/sft.py --model_name_or_path outputs/demo/model --output_dir runs/sft --max_steps 100 [--lora]
+    python examples/sft.py --model_name_or_path runs/tc --output_dir runs/sft --max_steps 100 [--lora]
 """
 
 from dataclasses import dataclass, field
