@@ -66,13 +66,16 @@ class TokenChoiceRouter(DiffusionMoeRouter):
 
     group_limited = True
 
-    def allowed_experts(self, biased: torch.Tensor, inputs: RoutingInputs) -> torch.Tensor | None:
-        """[B, L, E] bool: the experts each token may choose from (None: all)."""
+    def allowed_experts(self, scores: torch.Tensor, inputs: RoutingInputs) -> torch.Tensor | None:
+        """[B, L, E] bool: the experts each token may choose from (None: all), from the unbiased scores."""
         return None
+
+    def biased(self, scores: torch.Tensor) -> torch.Tensor:
+        return scores + self.expert_bias.to(scores.dtype)
 
     def decide(self, logits, inputs):
         scores = score(logits, self.config.router_score_function)
-        allowed = self.allowed_experts(scores + self.expert_bias.to(scores.dtype), inputs)
+        allowed = self.allowed_experts(scores, inputs)
         return token_choice(logits, scores, self.expert_bias, inputs, self.config, allowed, self.group_limited)
 
 
@@ -83,8 +86,8 @@ class BlockCoresetRouter(TokenChoiceRouter):
     def chunk_size(cls, config):
         return config.block_router_size
 
-    def allowed_experts(self, biased, inputs):
-        return block_coreset(biased, inputs.padding_mask, inputs.chunks, self.config)
+    def allowed_experts(self, scores, inputs):
+        return block_coreset(self.biased(scores), inputs.padding_mask, inputs.chunks, self.config)
 
 
 class BlockPoolRouter(TokenChoiceRouter):
@@ -96,8 +99,8 @@ class BlockPoolRouter(TokenChoiceRouter):
     def chunk_size(cls, config):
         return config.block_size
 
-    def allowed_experts(self, biased, inputs):
-        return block_pool(biased, inputs.padding_mask, inputs.chunks, self.config.expert_capacity)
+    def allowed_experts(self, scores, inputs):
+        return block_pool(self.biased(scores), inputs.padding_mask, inputs.chunks, self.config.expert_capacity)
 
 
 class ExpertChoiceRouter(DiffusionMoeRouter):

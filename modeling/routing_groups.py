@@ -85,12 +85,10 @@ class BatchGroup(GroupedView):
     expert capacity. Per-sequence sums give the batch's value on every row."""
 
     def __init__(self, batch_size: int, length: int, device):
-        self.batch_size, self.length = batch_size, length
-        self.groups_per_sequence, self.size, self.identity = 1, batch_size * length, False
-        self.row = torch.zeros(batch_size, length, dtype=torch.long, device=device)
-        self.slot = torch.arange(batch_size * length, device=device).view(batch_size, length)
+        self.batch_size, self.length, self.size = batch_size, length, batch_size * length
+        self.row = torch.zeros(batch_size, length, dtype=torch.long, device=device)  # per_group: every token's group
         self.sequence_of_group = torch.zeros(1, dtype=torch.long, device=device)
-        self.flat_index = self.slot.reshape(1, -1)
+        self.flat_index = torch.arange(self.size, device=device).view(1, -1)
 
     def scatter(self, x: torch.Tensor, fill) -> torch.Tensor:
         return x.reshape(1, self.size, *x.shape[2:])

@@ -50,7 +50,7 @@ class RoutingInputs:
 
     padding_mask [B, L] bool (real tokens); position_ids [B, L]; mask_ratio [B] / masked
     [B, L] as given to the model (for statistics by mask ratio).
-    groups: capacity groups; real_per_group [G] their real tokens.
+    groups: capacity groups; grouped_padding [G, S] their real tokens, real_per_group [G] how many.
     experts_per_group [G]: each group's k (the capacity schedule's, else `num_experts_per_tok`);
     experts_per_token [B, L]: the schedule's k of each token's group (None under the constant
     schedule: the config's k everywhere).
@@ -65,6 +65,7 @@ class RoutingInputs:
     masked: torch.Tensor | None = None
     static: bool = False
     groups: GroupedView | None = None
+    grouped_padding: torch.Tensor | None = None
     real_per_group: torch.Tensor | None = None
     experts_per_group: torch.Tensor | None = None
     experts_per_token: torch.Tensor | None = None
@@ -81,7 +82,8 @@ class RoutingInputs:
         scheduled = config.capacity_schedule != "constant"
         if router_class.needs_capacity_groups(config):
             groups = capacity_groups(config, position_ids, static)
-            real = groups.scatter(padding_mask, False).sum(1)
+            grouped = groups.scatter(padding_mask, False)
+            real = grouped.sum(1)
             k = torch.full_like(real, config.num_experts_per_tok)
             if scheduled:
                 ratio = unit_mask_ratio(groups, padding_mask, mask_ratio, masked)
@@ -95,20 +97,15 @@ class RoutingInputs:
             if router_class.chooses_tokens and config.batch_level_expert_choice:
                 # EC-DLM: experts choose among the whole batch, with the largest k of its sequences
                 groups, real, k = BatchGroup(*padding_mask.shape, padding_mask.device), real.sum(0, True), k.amax(0, True)
-            fields.update(groups=groups, real_per_group=real, experts_per_group=k)
+                grouped = groups.scatter(padding_mask, False)
+            fields.update(groups=groups, grouped_padding=grouped, real_per_group=real, experts_per_group=k)
             if router_class.chooses_tokens:
-                fields.update(zip(("expert_choice_capacity", "expert_choice_slots"),
-                                  expert_choice_slots(config, groups, k, real, static)))
+                capacity, slots = expert_choice_slots(config, groups, k, real, static)
+                fields.update(expert_choice_capacity=capacity, expert_choice_slots=slots)
         chunk = router_class.chunk_size(config)
         if chunk is not None:
             fields["chunks"] = routing_groups(position_ids, chunk, static)
         return cls(**fields)
-
-    @property
-    def grouped_padding(self) -> torch.Tensor:
-        """[G, S] bool: the real tokens of each capacity group."""
-        return self.groups.scatter(self.padding_mask, False)
-
 
 def expert_choice_slots(config, groups: GroupedView, k: torch.Tensor, real: torch.Tensor, static: bool):
     """Per-group expert capacity C [G] (never more than the group's real tokens) and the slot

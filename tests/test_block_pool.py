@@ -9,8 +9,9 @@ from hypothesis import strategies as st
 
 from conftest import MASK_ID, tiny_config
 from diffusion_moe import DiffusionMoeForMaskedLM
-from diffusion_moe.modeling.routing import BlockPoolRouter, build_router, routing_inputs_for
+from diffusion_moe.modeling.routing import BlockPoolRouter, build_router
 from llada2_2_reference import block_topk_reference, hub_block_routing_reference
+from test_published_gates import ours  # (expert_index, expert_weights) [B*L, k] of fp32 logits [B, L, E]
 
 pytestmark = pytest.mark.usefixtures("single_thread")
 
@@ -22,15 +23,6 @@ def pool_router(E=16, k=2, capacity=6, block=8, **overrides):
     router = build_router(config)
     assert isinstance(router, BlockPoolRouter)
     return router
-
-
-def ours(router, logits, padding=None):
-    """(expert_index, expert_weights) [B*L, k] for fp32 logits [B, L, E]."""
-    B, L, _ = logits.shape
-    padding = torch.ones(B, L, dtype=torch.bool) if padding is None else padding
-    positions = (padding.long().cumsum(-1) - 1).clamp(min=0)
-    decision = router.decide(logits, routing_inputs_for(router.config, padding, positions))
-    return decision.expert_index, decision.expert_weights
 
 
 def published(router):

@@ -162,6 +162,22 @@ def _load(folder, **overrides):
     return DiffusionMoeForMaskedLM.from_pretrained(folder, dtype=torch.float32, **overrides).eval()
 
 
+def _routes_as_the_reference(model, weights, config, input_ids, allowed, *router):
+    """Our forward's chosen experts equal the reference's, logits within 1e-4; returns our
+    RouterStats and the reference's routing."""
+    ref_logits, ref_routing = reference_forward(weights, config, input_ids, allowed, *router)
+    with torch.no_grad():
+        out = model(input_ids, output_router_stats=True)
+    assert _chosen_experts(out.router_stats) == ref_routing
+    assert (out.logits.double() - ref_logits).abs().max().item() < 1e-4
+    return out.router_stats, ref_routing
+
+
+def _most_experts_per_chunk(stats, chunk=32) -> int:
+    """The most distinct experts any `chunk`-token chunk used, over layers and sequences."""
+    return max(piece.any(1).sum(-1).max().item() for layer in stats for piece in layer.expert_mask.split(chunk, dim=1))
+
+
 def _chosen_experts(stats) -> list:
     """Per MoE layer, [B][L] sorted expert lists from RouterStats.expert_mask."""
     return [
@@ -203,15 +219,10 @@ def test_dmoe_config_converts_to_block_routing_matching_the_dmoe_gate(llada2, tm
     input_ids = torch.randint(0, 155, (2, 64), generator=torch.Generator().manual_seed(2))
     block_router = {"size": 32, "top_p": core_threshold, "min_experts": 6}
     allowed = block_causal_allowed(64, 32)
-    ref_logits, ref_routing = reference_forward(weights, config, input_ids, allowed, "block", block_router)
-    with torch.no_grad():
-        out = model(input_ids, output_router_stats=True)
-    assert _chosen_experts(out.router_stats) == ref_routing
-    assert (out.logits.double() - ref_logits).abs().max().item() < 1e-4
+    stats, ref_routing = _routes_as_the_reference(model, weights, config, input_ids, allowed, "block", block_router)
     # distinct experts per 32-token chunk: the floor of 6 governs at p=0.6; p=0.95 lets more in
-    used = [chunk.any(1).sum(-1).max().item() for layer in out.router_stats
-            for chunk in layer.expert_mask.split(32, dim=1)]
-    assert max(used) <= 6 if core_threshold == 0.6 else max(used) > 6
+    most = _most_experts_per_chunk(stats)
+    assert most <= 6 if core_threshold == 0.6 else most > 6
     token_choice = reference_forward(weights, config, input_ids, allowed)[1]
     assert token_choice != ref_routing
     back = json.loads((convert_diffusion_moe_to_llada2(dst, tmp_path / "back") / "config.json").read_text())
@@ -460,14 +471,8 @@ def test_llada22_converts_to_the_block_pool_and_routes_as_its_gate(llada22, tmp_
     input_ids = torch.randint(0, 155, (2, 64), generator=torch.Generator().manual_seed(4))
     input_ids[:, 40:] = MASK
     allowed = block_causal_allowed(64, 32)
-    ref_logits, ref_routing = reference_forward(weights, config, input_ids, allowed, "block_pool")
-    with torch.no_grad():
-        out = model(input_ids, output_router_stats=True)
-    assert _chosen_experts(out.router_stats) == ref_routing
-    assert (out.logits.double() - ref_logits).abs().max().item() < 1e-4
-    used = [chunk.any(1).sum(-1).max().item() for layer in out.router_stats
-            for chunk in layer.expert_mask.split(32, dim=1)]
-    assert max(used) <= 4  # one pool of expert_capacity per block
+    stats, ref_routing = _routes_as_the_reference(model, weights, config, input_ids, allowed, "block_pool")
+    assert _most_experts_per_chunk(stats) <= 4  # one pool of expert_capacity per block
     assert reference_forward(weights, config, input_ids, allowed)[1] != ref_routing  # not token choice
     # back to LLaDA2.2, bit for bit, with its fields
     back = convert_diffusion_moe_to_llada2(dst, tmp_path / "back")

@@ -125,19 +125,26 @@ class RouterStatsCallback(_RouterHooks):
         if getattr(decision, "expert_index", None) is not None:
             self.proposed += float(padding_mask.sum()) * decision.expert_index.shape[-1]
             self.kept += float(assignment.sum())
-        # one entry per routing unit (a sequence; each attention block of a block-causal model)
-        groups = inputs.groups if inputs.groups is not None else capacity_groups(router.config, inputs.position_ids,
-                                                                                     inputs.static)
-        ratio = unit_mask_ratio(groups, padding_mask, inputs.mask_ratio, inputs.masked)
+        groups, ratio, real = self._routing_units(router, inputs)
         if ratio is None:
             return  # no mask ratio to bucket by (inputs_embeds, or no mask_token_id)
-        real = groups.scatter(padding_mask, False).sum(1)
         per_group = groups.scatter(assignment.sum(-1), 0).sum(1).double() / real.clamp(min=1).double()
-        ratio = ratio.detach().double()
         bucket = (ratio * self.num_buckets).long().clamp(0, self.num_buckets - 1)
         used = (real > 0).double()
         self.bucket_sum.index_add_(0, bucket.cpu(), (per_group * used).cpu())
         self.bucket_count.index_add_(0, bucket.cpu(), used.cpu())
+
+    def _routing_units(self, router, inputs):
+        """(groups, mask ratio [G] or None, real tokens [G]) of the routing units (a sequence; each
+        attention block of a block-causal model): computed once per forward, as every MoE layer
+        of a forward shares its `RoutingInputs`."""
+        if getattr(self, "_units_of", None) is not inputs:
+            groups = inputs.groups if inputs.groups is not None else capacity_groups(
+                router.config, inputs.position_ids, inputs.static)
+            ratio = unit_mask_ratio(groups, inputs.padding_mask, inputs.mask_ratio, inputs.masked)
+            real = groups.scatter(inputs.padding_mask, False).sum(1)
+            self._units_of, self._units = inputs, (groups, None if ratio is None else ratio.detach().double(), real)
+        return self._units
 
     def summary(self) -> dict:
         if not self.loads:
