@@ -5,6 +5,7 @@ stays equal on both ranks only because ExpertBiasUpdateCallback all-reduces the 
 Rank 1 reports a huge extra load on expert 0: both ranks must lower b_0 at every step.
 """
 
+import shutil
 import socket
 import subprocess
 import sys
@@ -137,3 +138,112 @@ def test_tensor_and_expert_parallel_runs_equal_one_process_for_every_router(tmp_
             torch.testing.assert_close(logits[real], reference[router][0][real], rtol=1e-5, atol=1e-5,
                                        msg=f"{mode} {router}")
             assert torch.equal(tokens, reference[router][1]), (mode, router)
+
+
+# --- FSDP2 training through Trainer: Transformers' DistributedConfig and accelerate's plugin -------
+
+FSDP_SCRIPT = textwrap.dedent(
+    """
+    import os, sys, torch, torch.distributed as dist
+    from safetensors.torch import load_file
+    from transformers import TrainingArguments
+    from transformers.distributed import DistributedConfig, gather_full_state_dict
+    from diffusion_moe import DiffusionMoeForMaskedLM
+    from diffusion_moe.training import DiffusionPretrainCollator, DiffusionTrainer
+
+    folder, mode = sys.argv[1], sys.argv[2]
+    world = int(os.environ.get("WORLD_SIZE", 1))
+    layouts = {"fsdp": DistributedConfig(fsdp_size=2), "ep_fsdp": DistributedConfig(ep_size=2, fsdp_size=2)}
+    plugin = dict(fsdp="full_shard", fsdp_config={"fsdp_version": 2,
+                                                  "transformer_layer_cls_to_wrap": ["DiffusionMoeDecoderLayer"]})
+    g = torch.Generator().manual_seed(0)
+    data = [{"input_ids": torch.randint(1, 60, (int(n),), generator=g).tolist()}  # lengths 5..12: the loss
+            for n in torch.randint(5, 13, (12,), generator=g)]                      # normaliser varies by row
+    rank0 = int(os.environ.get("RANK", 0)) == 0
+    out = {}
+    for router in ("token_choice", "expert_choice", "block", "block_pool"):
+        extra = {"distributed_config": layouts[mode]} if mode in layouts else {}
+        model = DiffusionMoeForMaskedLM.from_pretrained(folder + "/ckpt", router_type=router, **extra)
+        if mode in layouts:  # loading shards the one-process checkpoint exactly
+            full = gather_full_state_dict(model)
+            if rank0:
+                saved = load_file(folder + "/ckpt/model.safetensors")
+                assert all(torch.equal(full[k].cpu(), v) for k, v in saved.items()), "sharded load"
+        collator = DiffusionPretrainCollator.from_config(model.config, seed=0)  # noise seeded by the row
+        accumulate = 4 // world  # one row per micro-batch: the same rows, and the same noise, in every layout
+
+        def collate(features):
+            # The first token stays clean. In a row (or a first block) of masks only, every position has the same
+            # hidden state: expert choice then picks among exactly tied scores by float rounding, which the
+            # gradient reductions of each layout perturb differently.
+            batch = collator(features)
+            labels, ids = batch["labels"], batch["input_ids"]
+            ids[:, 0] = torch.where(labels[:, 0] >= 0, labels[:, 0], ids[:, 0])
+            labels[:, 0] = -100
+            return batch
+        args = TrainingArguments(
+            output_dir=f"{folder}/run_{mode}", per_device_train_batch_size=1,
+            gradient_accumulation_steps=accumulate, max_steps=3, learning_rate=1.0, optim="sgd", use_cpu=True, report_to=[],
+            save_strategy="no", seed=0, disable_tqdm=True, logging_steps=1, gradient_checkpointing=mode == "fsdp",
+            **(plugin if mode == "accelerate" else {}))
+        trainer = DiffusionTrainer(model=model, args=args, train_dataset=data, data_collator=collate)
+        trainer.train()
+        out[router] = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+        trainer.save_model(f"{folder}/{mode}_{router}")  # gathered on rank 0: one safetensors file
+        if mode == "fsdp":
+            model.save_pretrained(f"{folder}/dcp_{router}", distributed_checkpoint=True)  # one file per rank
+    if rank0:
+        torch.save(out, f"{folder}/{mode}.pt")
+    """
+)
+
+
+def test_fsdp2_training_equals_one_process_for_every_router(tmp_path):
+    """Trainer on FSDP2 over 2 ranks (Transformers' DistributedConfig, with gradient accumulation and
+    checkpointing; EP=2 x FSDP=2; accelerate's FSDP2 plugin) gives the one-process run's losses, weights
+    and expert bias for the same global batch, for every router; its checkpoints load in one process
+    bit for bit, both the gathered save and the per-rank DCP files once consolidated."""
+    import sys as _sys
+    _sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+    from conftest import tiny_config
+    from safetensors.torch import load_file
+    from transformers.distributed import consolidate_distributed_checkpoint
+    from diffusion_moe import DiffusionMoeForMaskedLM
+
+    model = DiffusionMoeForMaskedLM(tiny_config(
+        num_shared_experts=1, router_score_function="sigmoid", expert_capacity=4, attention_layout="block_causal",
+        block_size=4, block_router_size=4, block_router_min_experts=2, expert_bias_update_rate=0.05,
+        router_z_loss_coef=1e-3))
+    model.save_pretrained(tmp_path / "ckpt")
+    script = tmp_path / "fsdp.py"
+    script.write_text(FSDP_SCRIPT)
+    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
+    one = subprocess.run([sys.executable, str(script), str(tmp_path), "one"], capture_output=True, text=True,
+                         timeout=300, env=env)
+    assert one.returncode == 0, one.stderr[-3000:]
+    for mode in ("fsdp", "ep_fsdp", "accelerate"):
+        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
+                   "127.0.0.1", "--master_port", str(free_port()), str(script), str(tmp_path), mode]
+        result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
+        assert result.returncode == 0, (mode, result.stderr[-3000:])
+    reference = torch.load(tmp_path / "one.pt")
+    for router in ("token_choice", "expert_choice", "block", "block_pool"):
+        expected = load_file(tmp_path / f"one_{router}" / "model.safetensors")
+        bias = "model.layers.0.mlp.gate.expert_bias"
+        assert (router == "expert_choice") == torch.equal(expected[bias], torch.zeros(8)), "balanced: no bias"
+        for mode in ("fsdp", "ep_fsdp", "accelerate"):
+            assert torch.load(tmp_path / f"{mode}.pt")[router] == pytest.approx(reference[router], rel=1e-5), (mode,
+                                                                                                             router)
+            got = load_file(tmp_path / f"{mode}_{router}" / "model.safetensors")
+            assert got.keys() == expected.keys()
+            for name, value in expected.items():
+                if name.endswith("expert_bias"):  # loads summed over ranks: the same sign steps
+                    assert torch.equal(got[name], value), (mode, router, name)
+                else:
+                    torch.testing.assert_close(got[name], value, rtol=1e-5, atol=1e-6, msg=f"{mode} {router} {name}")
+        consolidate_distributed_checkpoint(tmp_path / f"dcp_{router}", tmp_path / f"dcp_{router}_one")
+        shutil.copy(tmp_path / f"fsdp_{router}" / "config.json", tmp_path / f"dcp_{router}_one")  # DCP keeps weights
+        consolidated = DiffusionMoeForMaskedLM.from_pretrained(tmp_path / f"dcp_{router}_one").state_dict()
+        gathered = load_file(tmp_path / f"fsdp_{router}" / "model.safetensors")
+        for name, value in gathered.items():
+            assert torch.equal(consolidated[name], value), (router, name)

@@ -50,7 +50,8 @@ class DiffusionTrainer(Trainer):
             return super()._get_num_items_in_batch(batch_samples, device)
         count = sum(torch.as_tensor(batch["num_items_in_batch"]).sum() for batch in batch_samples).to(device)
         if self.args.average_tokens_across_devices and self.args.world_size > 1:
-            count = self.accelerator.gather(count).sum()
+            # ranks of one tensor/context/sequence-parallel group share a batch: count it once, as Trainer does
+            count = self.accelerator.gather(count).sum() / (self.get_tp_size() * self.get_cp_size() * self.get_sp_size())
         return count
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
@@ -63,7 +64,8 @@ class DiffusionTrainer(Trainer):
         share = torch.as_tensor(local, device=outputs.loss.device).sum() / num_items_in_batch
         loss = outputs.diffusion_loss + (outputs.loss - outputs.diffusion_loss) * share
         if self.args.average_tokens_across_devices and self.accelerator.num_processes > 1:
-            loss = loss * self.accelerator.num_processes  # DDP averages gradients over ranks; we summed items
+            # gradients are averaged over the data-parallel ranks (DDP, FSDP2); the count summed their items
+            loss = loss * (self.accelerator.num_processes // self.get_tp_size())
         return (loss, outputs) if return_outputs else loss
 
     def evaluate(self, eval_dataset=None, ignore_keys=None, metric_key_prefix="eval"):
