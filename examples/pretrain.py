@@ -10,11 +10,15 @@ Every `TrainingArguments` flag works (--bf16, --gradient_checkpointing,
         --capacity_schedule linear_reverse --max_steps 300
     accelerate launch --num_processes 2 --cpu examples/pretrain.py --output_dir runs/ddp --max_steps 50
     torchrun --nproc_per_node 2 examples/pretrain.py --output_dir runs/ddp --use_cpu --max_steps 50
+    torchrun --nproc_per_node 2 examples/pretrain.py --output_dir runs/fsdp --use_cpu --fsdp_size 2 --save_only_model
 """
 
+import tempfile
 from dataclasses import dataclass, field
 
-from transformers import AutoTokenizer, HfArgumentParser, TrainingArguments
+from safetensors.torch import save_model
+from transformers import AutoTokenizer, HfArgumentParser, TrainingArguments, set_seed
+from transformers.distributed import DistributedConfig
 
 from diffusion_moe import DiffusionMoeConfig, DiffusionMoeForMaskedLM
 from diffusion_moe.training import (
@@ -50,6 +54,15 @@ class ModelArguments:
 
 
 @dataclass
+class ParallelArguments:
+    """Transformers' distributed engine (`DistributedConfig`); launch with torchrun, one process per device."""
+    tp_size: int | None = field(default=None, metadata={"help": "tensor parallel ranks"})
+    ep_size: int | None = field(default=None, metadata={"help": "expert parallel ranks (divides num_experts)"})
+    fsdp_size: int | None = field(default=None, metadata={"help": "FSDP2 ranks"})
+    dp_replicate_size: int | None = field(default=None, metadata={"help": "FSDP2 replicas (HSDP), e.g. one per node"})
+
+
+@dataclass
 class DataArguments:
     data: list[str] = field(default_factory=list, metadata={"help": "text files, folders, or a datasets folder"})
     text_column: str = "text"
@@ -62,8 +75,9 @@ class DataArguments:
 
 
 def main():
-    parser = HfArgumentParser((ModelArguments, DataArguments, TrainingArguments))
-    model_args, data_args, training_args = parser.parse_args_into_dataclasses()
+    parser = HfArgumentParser((ModelArguments, ParallelArguments, DataArguments, TrainingArguments))
+    model_args, parallel_args, data_args, training_args = parser.parse_args_into_dataclasses()
+    set_seed(training_args.seed)  # the same initial weights on every rank
 
     documents = read_corpus(data_args.data, data_args.text_column)
     if data_args.tokenizer:
@@ -80,6 +94,12 @@ def main():
         **vars(model_args),
     )
     model = DiffusionMoeForMaskedLM(config)
+    layout = {k: v for k, v in vars(parallel_args).items() if v is not None}
+    if layout:  # the engine shards at load time: save the initial weights, load them sharded
+        with tempfile.TemporaryDirectory() as initial:  # each rank its own copy (save_pretrained writes on rank 0)
+            config.save_pretrained(initial)
+            save_model(model, f"{initial}/model.safetensors")
+            model = DiffusionMoeForMaskedLM.from_pretrained(initial, distributed_config=DistributedConfig(**layout))
     collator = DiffusionPretrainCollator.from_config(
         config, tokenizer, time_sampling=data_args.time_sampling, eps=data_args.eps, seed=training_args.seed
     )

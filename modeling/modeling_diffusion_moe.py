@@ -293,8 +293,32 @@ class DiffusionMoePreTrainedModel(AtomicSavePretrained, ExpertsImplementationSup
             exponent = torch.arange(0, module.rotary_dim, 2, dtype=torch.float32) / module.rotary_dim
             init.copy_(module.inv_freq, 1.0 / (self.config.rope_theta**exponent))
 
+def check_parallel_layout(config) -> None:
+    """What `from_pretrained(..., distributed_config=...)` asks of this model, refused early and by name."""
+    layout = getattr(config, "distributed_config", None)
+    if layout is None:
+        return
+    if (layout.pp_size or 1) > 1:
+        raise ValueError(
+            f"DistributedConfig(pp_size={layout.pp_size}): pipeline parallelism is not supported. Transformers' "
+            "pipeline schedule is for inference only and passes the LM head's arguments (`noise_level`, "
+            "`num_items_in_batch`) to the base model. Use tp_size, ep_size and fsdp_size."
+        )
+    tp, ep = layout.tp_size or 1, layout.ep_size or 1
+    needs = [("num_experts", config.num_experts, "ep_size", ep),
+             ("num_attention_heads", config.num_attention_heads, "tp_size", tp),
+             ("num_key_value_heads", config.num_key_value_heads, "tp_size", tp),
+             ("moe_intermediate_size", config.moe_intermediate_size, "tp_size", tp)]
+    if config.first_k_dense_replace > 0:  # dense MLP layers
+        needs.append(("intermediate_size", config.intermediate_size, "tp_size", tp))
+    for name, value, size_name, size in needs:
+        if value % size:
+            raise ValueError(f"DistributedConfig: {name} ({value}) must be a multiple of {size_name} ({size}).")
+
+
 class DiffusionMoeModel(DiffusionMoePreTrainedModel):
     def __init__(self, config: DiffusionMoeConfig):
+        check_parallel_layout(config)
         super().__init__(config)
         self.padding_idx = config.pad_token_id
         self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size, self.padding_idx)

@@ -247,3 +247,24 @@ def test_fsdp2_training_equals_one_process_for_every_router(tmp_path):
         gathered = load_file(tmp_path / f"fsdp_{router}" / "model.safetensors")
         for name, value in gathered.items():
             assert torch.equal(consolidated[name], value), (router, name)
+
+
+@pytest.mark.parametrize("layout, message", [
+    (dict(pp_size=2), "pipeline parallelism is not supported"),
+    (dict(ep_size=3, fsdp_size=3), r"num_experts \(8\) must be a multiple of ep_size \(3\)"),
+    (dict(tp_size=3), r"num_attention_heads \(4\) must be a multiple of tp_size \(3\)"),
+])
+def test_layouts_the_model_cannot_take_are_refused_by_name(layout, message):
+    """Checked when the model is built, before Transformers shards anything."""
+    import sys as _sys
+    _sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
+    from conftest import tiny_config
+    from transformers.distributed import DistributedConfig
+    from diffusion_moe import DiffusionMoeForMaskedLM
+
+    config = tiny_config()
+    config.distributed_config = DistributedConfig(**layout)
+    with pytest.raises(ValueError, match=message):
+        DiffusionMoeForMaskedLM(config)
+    del config.distributed_config
+    DiffusionMoeForMaskedLM(config)
