@@ -32,26 +32,19 @@ def expert_choice_only(experts, hidden_states, top_k_index, top_k_weights):
 register_experts_function(EXPERT_CHOICE_STATIC, expert_choice_only)
 
 
-def slots_as_tokens(hidden_states, token_index, gates):
-    """Expert choice's slots as token-layout inputs: (rows [E*G*C] of the flattened batch,
-    their hidden states [E*G*C, H], the expert of each [E*G*C, 1], its gate [E*G*C, 1]),
-    expert-major."""
+def dispatch_slots_as_tokens(run_experts, hidden_states, token_index, gates):
+    """Expert choice through a token-layout experts function: each slot [E*G*C] goes as a token
+    routed to its one expert with its gate, expert-major, and the outputs are added back to
+    their rows. `run_experts` is the experts module itself under Transformers' expert
+    parallelism (which replaces its forward with the EP dispatch: each rank runs its own
+    experts' slots, the EP implementation exchanges or sums the outputs), or the token forward
+    under a non-default experts implementation. Returns [B, L, H]."""
     G, E, C = token_index.shape
     rows = token_index.transpose(0, 1).reshape(-1)
-    flat_hidden = hidden_states.reshape(-1, hidden_states.shape[-1])
-    expert_of_slot = torch.arange(E, device=rows.device).repeat_interleave(G * C).unsqueeze(1)
-    slots = flat_hidden.index_select(0, rows)
-    return rows, slots, expert_of_slot, gates.transpose(0, 1).reshape(-1, 1).to(slots.dtype)
-
-
-def dispatch_slots_as_tokens(experts, hidden_states, token_index, gates):
-    """Expert choice through the experts module's token layout (`experts` called as a module,
-    so whatever wraps its forward runs): what Transformers' expert parallelism dispatches,
-    each rank running its own experts' slots while the EP implementation exchanges or sums
-    the outputs. Returns [B, L, H]."""
-    rows, slots, expert_of_slot, slot_gates = slots_as_tokens(hidden_states, token_index, gates)
-    y = experts(slots, expert_of_slot, slot_gates)
     flat = hidden_states.reshape(-1, hidden_states.shape[-1])
+    slots = flat.index_select(0, rows)
+    expert_of_slot = torch.arange(E, device=rows.device).repeat_interleave(G * C).unsqueeze(1)
+    y = run_experts(slots, expert_of_slot, gates.transpose(0, 1).reshape(-1, 1).to(slots.dtype))
     return torch.zeros_like(flat).index_add_(0, rows, y.to(flat.dtype)).view(hidden_states.shape)
 
 
@@ -112,10 +105,7 @@ class DiffusionMoeExperts(DiffusionMoeTokenExperts):
         on the slots as tokens routed to one expert each.
         """
         if self.config._experts_implementation != EXPERT_CHOICE_STATIC:
-            rows, slots, expert_of_slot, slot_gates = slots_as_tokens(hidden_states, token_index, gates)
-            y = super().forward(slots, expert_of_slot, slot_gates)
-            flat = hidden_states.reshape(-1, hidden_states.shape[-1])
-            return torch.zeros_like(flat).index_add_(0, rows, y.to(flat.dtype)).view(hidden_states.shape)
+            return dispatch_slots_as_tokens(super().forward, hidden_states, token_index, gates)
         B, L, H = hidden_states.shape
         G, E, C = token_index.shape
         rows = token_index.transpose(0, 1).reshape(-1)  # expert-major, so gathered rows are [E, G*C, H]

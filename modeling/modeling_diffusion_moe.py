@@ -298,13 +298,13 @@ def check_parallel_layout(config) -> None:
     layout = getattr(config, "distributed_config", None)
     if layout is None:
         return
-    if (layout.pp_size or 1) > 1:
+    if layout.pp_size > 1:
         raise ValueError(
             f"DistributedConfig(pp_size={layout.pp_size}): pipeline parallelism is not supported. Transformers' "
             "pipeline schedule is for inference only and passes the LM head's arguments (`noise_level`, "
             "`num_items_in_batch`) to the base model. Use tp_size, ep_size and fsdp_size."
         )
-    tp, ep = layout.tp_size or 1, layout.ep_size or 1
+    tp, ep = layout.tp_size, layout.ep_size  # resolved to ints by DistributedConfig
     needs = [("num_experts", config.num_experts, "ep_size", ep),
              ("num_attention_heads", config.num_attention_heads, "tp_size", tp),
              ("num_key_value_heads", config.num_key_value_heads, "tp_size", tp),

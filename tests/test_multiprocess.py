@@ -1,10 +1,10 @@
-"""Two-process data-parallel training (gloo on CPU) keeps every rank identical.
+"""Several processes on CPU (gloo): data parallelism, and Transformers' distributed engine
+(tensor, expert and FSDP2 parallelism) against one process, for every router.
 
-Buffer broadcasting is switched off (`ddp_broadcast_buffers=False`), so the expert bias
-stays equal on both ranks only because ExpertBiasUpdateCallback all-reduces the loads.
-Rank 1 reports a huge extra load on expert 0: both ranks must lower b_0 at every step.
+Each test writes a script and runs it as one process and under torchrun on 2 ranks (`launch`).
 """
 
+import os
 import shutil
 import socket
 import subprocess
@@ -13,6 +13,11 @@ import textwrap
 
 import pytest
 import torch
+from conftest import tiny_config
+from safetensors.torch import load_file
+from transformers.distributed import DistributedConfig, consolidate_distributed_checkpoint
+
+from diffusion_moe import DiffusionMoeForMaskedLM
 
 SCRIPT = textwrap.dedent(
     """
@@ -58,16 +63,23 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def launch(script, *args, ranks: int = 2) -> None:
+    """Run `script args` as one process (ranks=1) or under torchrun on `ranks` gloo processes."""
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", str(ranks), "--master_addr",
+                "127.0.0.1", "--master_port", str(free_port())]
+    command = [*([sys.executable] if ranks == 1 else torchrun), str(script), *map(str, args)]
+    result = subprocess.run(command, capture_output=True, text=True, timeout=300,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, (args, result.stderr[-3000:])
+
+
 def test_two_processes_keep_identical_weights_and_expert_bias(tmp_path):
+    """DDP with buffer broadcasting off (`ddp_broadcast_buffers=False`): the expert bias stays equal
+    on both ranks only because ExpertBiasUpdateCallback all-reduces the loads. Rank 1 reports a huge
+    extra load on expert 0: both ranks must lower b_0 at every step."""
     script = tmp_path / "train_ddp.py"
     script.write_text(SCRIPT)
-    command = [
-        sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr", "127.0.0.1",
-        "--master_port", str(free_port()), str(script), str(tmp_path),
-    ]
-    result = subprocess.run(command, capture_output=True, text=True, timeout=300,
-                            env={"OMP_NUM_THREADS": "1", **__import__("os").environ})
-    assert result.returncode == 0, result.stderr[-3000:]
+    launch(script, tmp_path)
     rank0, rank1 = (torch.load(tmp_path / f"rank{r}.pt") for r in (0, 1))
     assert rank0["world"] == rank1["world"] == 2
     for name, value in rank0["final"].items():
@@ -111,25 +123,15 @@ PARALLEL_SCRIPT = textwrap.dedent(
 def test_tensor_and_expert_parallel_runs_equal_one_process_for_every_router(tmp_path):
     """Transformers' own engine on CPU (gloo): TP=2, EP=2 x FSDP=2 (all-to-all) and EP=2 over
     TP=2 (all-reduce) give the one-process logits and greedy tokens, batched and cached."""
-    import sys as _sys
-    _sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
-    from conftest import tiny_config
-    from diffusion_moe import DiffusionMoeForMaskedLM
 
     DiffusionMoeForMaskedLM(tiny_config(num_shared_experts=1, router_score_function="sigmoid", expert_capacity=4,
                                         attention_layout="block_causal", block_size=4, block_router_size=4,
                                         block_router_min_experts=2)).save_pretrained(tmp_path / "ckpt")
     script = tmp_path / "parallel.py"
     script.write_text(PARALLEL_SCRIPT)
-    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
-    one = subprocess.run([sys.executable, str(script), str(tmp_path), "one"], capture_output=True, text=True,
-                         timeout=300, env=env)
-    assert one.returncode == 0, one.stderr[-3000:]
+    launch(script, tmp_path, "one", ranks=1)
     for mode in ("tp", "ep", "tp_ep"):
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
-                   "127.0.0.1", "--master_port", str(free_port()), str(script), str(tmp_path), mode]
-        result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
-        assert result.returncode == 0, (mode, result.stderr[-3000:])
+        launch(script, tmp_path, mode)
     reference = torch.load(tmp_path / "one.pt")
     for mode in ("tp", "ep", "tp_ep"):
         for router, (logits, tokens) in torch.load(tmp_path / f"{mode}.pt").items():
@@ -183,7 +185,8 @@ FSDP_SCRIPT = textwrap.dedent(
             return batch
         args = TrainingArguments(
             output_dir=f"{folder}/run_{mode}", per_device_train_batch_size=1,
-            gradient_accumulation_steps=accumulate, max_steps=3, learning_rate=1.0, optim="sgd", use_cpu=True, report_to=[],
+            gradient_accumulation_steps=accumulate, max_steps=3, learning_rate=1.0, optim="sgd", use_cpu=True,
+            report_to=[],
             save_strategy="no", seed=0, disable_tqdm=True, logging_steps=1, gradient_checkpointing=mode == "fsdp",
             **(plugin if mode == "accelerate" else {}))
         trainer = DiffusionTrainer(model=model, args=args, train_dataset=data, data_collator=collate)
@@ -203,12 +206,6 @@ def test_fsdp2_training_equals_one_process_for_every_router(tmp_path):
     checkpointing; EP=2 x FSDP=2; accelerate's FSDP2 plugin) gives the one-process run's losses, weights
     and expert bias for the same global batch, for every router; its checkpoints load in one process
     bit for bit, both the gathered save and the per-rank DCP files once consolidated."""
-    import sys as _sys
-    _sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
-    from conftest import tiny_config
-    from safetensors.torch import load_file
-    from transformers.distributed import consolidate_distributed_checkpoint
-    from diffusion_moe import DiffusionMoeForMaskedLM
 
     model = DiffusionMoeForMaskedLM(tiny_config(
         num_shared_experts=1, router_score_function="sigmoid", expert_capacity=4, attention_layout="block_causal",
@@ -217,15 +214,9 @@ def test_fsdp2_training_equals_one_process_for_every_router(tmp_path):
     model.save_pretrained(tmp_path / "ckpt")
     script = tmp_path / "fsdp.py"
     script.write_text(FSDP_SCRIPT)
-    env = {**__import__("os").environ, "OMP_NUM_THREADS": "1"}
-    one = subprocess.run([sys.executable, str(script), str(tmp_path), "one"], capture_output=True, text=True,
-                         timeout=300, env=env)
-    assert one.returncode == 0, one.stderr[-3000:]
+    launch(script, tmp_path, "one", ranks=1)
     for mode in ("fsdp", "ep_fsdp", "accelerate"):
-        command = [sys.executable, "-m", "torch.distributed.run", "--nproc_per_node", "2", "--master_addr",
-                   "127.0.0.1", "--master_port", str(free_port()), str(script), str(tmp_path), mode]
-        result = subprocess.run(command, capture_output=True, text=True, timeout=300, env=env)
-        assert result.returncode == 0, (mode, result.stderr[-3000:])
+        launch(script, tmp_path, mode)
     reference = torch.load(tmp_path / "one.pt")
     for router in ("token_choice", "expert_choice", "block", "block_pool"):
         expected = load_file(tmp_path / f"one_{router}" / "model.safetensors")
@@ -256,12 +247,6 @@ def test_fsdp2_training_equals_one_process_for_every_router(tmp_path):
 ])
 def test_layouts_the_model_cannot_take_are_refused_by_name(layout, message):
     """Checked when the model is built, before Transformers shards anything."""
-    import sys as _sys
-    _sys.path.insert(0, str(__import__("pathlib").Path(__file__).parent))
-    from conftest import tiny_config
-    from transformers.distributed import DistributedConfig
-    from diffusion_moe import DiffusionMoeForMaskedLM
-
     config = tiny_config()
     config.distributed_config = DistributedConfig(**layout)
     with pytest.raises(ValueError, match=message):

@@ -3,8 +3,9 @@
 Both attach a forward hook to every `DiffusionMoeRouter` of the model (found by class
 name, so PEFT-wrapped and remote-code models work too) and read its decision (see
 routing_decisions): `assignment` [B, L, E] (which expert processes which token),
-`stats()`, and the `inputs` it was routed with (padding, routing units, mask ratios). Only training-mode forwards count. Under gradient checkpointing the
-recomputed forward is counted again, which scales every count by the same factor.
+`stats()`, and the `inputs` it was routed with (padding, routing units, mask ratios). Only
+training-mode forwards count. Under gradient checkpointing the recomputed forward is counted
+again, which scales every count by the same factor.
 """
 
 import torch

@@ -51,7 +51,8 @@ class DiffusionTrainer(Trainer):
         count = sum(torch.as_tensor(batch["num_items_in_batch"]).sum() for batch in batch_samples).to(device)
         if self.args.average_tokens_across_devices and self.args.world_size > 1:
             # ranks of one tensor/context/sequence-parallel group share a batch: count it once, as Trainer does
-            count = self.accelerator.gather(count).sum() / (self.get_tp_size() * self.get_cp_size() * self.get_sp_size())
+            shared_by = self.get_tp_size() * self.get_cp_size() * self.get_sp_size()
+            count = self.accelerator.gather(count).sum() / shared_by
         return count
 
     def compute_loss(self, model, inputs, return_outputs=False, num_items_in_batch=None):
