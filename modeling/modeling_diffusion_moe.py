@@ -304,6 +304,9 @@ def check_parallel_layout(config) -> None:
             "pipeline schedule is for inference only and passes the LM head's arguments (`noise_level`, "
             "`num_items_in_batch`) to the base model. Use tp_size, ep_size and fsdp_size."
         )
+    if layout.enable_sequence_parallel:
+        raise ValueError("DistributedConfig(enable_sequence_parallel=True): sequence parallelism is not supported "
+                         "(Transformers reserves the flag and does not wire it up yet).")
     tp, ep = layout.tp_size, layout.ep_size  # resolved to ints by DistributedConfig
     needs = [("num_experts", config.num_experts, "ep_size", ep),
              ("num_attention_heads", config.num_attention_heads, "tp_size", tp),

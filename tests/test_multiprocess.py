@@ -240,16 +240,27 @@ def test_fsdp2_training_equals_one_process_for_every_router(tmp_path):
             assert torch.equal(consolidated[name], value), (router, name)
 
 
-@pytest.mark.parametrize("layout, message", [
-    (dict(pp_size=2), "pipeline parallelism is not supported"),
-    (dict(ep_size=3, fsdp_size=3), r"num_experts \(8\) must be a multiple of ep_size \(3\)"),
-    (dict(tp_size=3), r"num_attention_heads \(4\) must be a multiple of tp_size \(3\)"),
+@pytest.mark.parametrize("layout, overrides, message", [
+    (dict(pp_size=2), {}, "pipeline parallelism is not supported"),
+    (dict(tp_size=2, enable_sequence_parallel=True), {}, "sequence parallelism is not supported"),
+    (dict(ep_size=3, fsdp_size=3), {}, r"num_experts \(8\) must be a multiple of ep_size \(3\)"),
+    (dict(tp_size=3), {}, r"num_attention_heads \(4\) must be a multiple of tp_size \(3\)"),
+    (dict(tp_size=2), dict(num_key_value_heads=1), r"num_key_value_heads \(1\) must be a multiple of tp_size"),
+    (dict(tp_size=2), dict(moe_intermediate_size=15), r"moe_intermediate_size \(15\) must be a multiple"),
+    (dict(tp_size=2), dict(first_k_dense_replace=1, intermediate_size=63), r"intermediate_size \(63\) must be"),
 ])
-def test_layouts_the_model_cannot_take_are_refused_by_name(layout, message):
-    """Checked when the model is built, before Transformers shards anything."""
-    config = tiny_config()
+def test_layouts_the_model_cannot_take_are_refused_by_name(layout, overrides, message):
+    """Checked when the model is built, before Transformers shards anything; the same config
+    without the layout builds."""
+    config = tiny_config(**overrides)
     config.distributed_config = DistributedConfig(**layout)
     with pytest.raises(ValueError, match=message):
         DiffusionMoeForMaskedLM(config)
     del config.distributed_config
+    DiffusionMoeForMaskedLM(config)
+
+
+def test_the_dense_mlp_width_is_checked_only_where_layers_are_dense():
+    config = tiny_config(intermediate_size=63)  # every layer MoE: the dense width is never sharded
+    config.distributed_config = DistributedConfig(tp_size=2)
     DiffusionMoeForMaskedLM(config)
