@@ -73,6 +73,21 @@ def launch(script, *args, ranks: int = 2) -> None:
     assert result.returncode == 0, (args, result.stderr[-3000:])
 
 
+# every router's settings, in a block-causal model: sigmoid scores, a shared expert, pools of 4 of 8 experts
+EVERY_ROUTER = dict(num_shared_experts=1, router_score_function="sigmoid", expert_capacity=4,
+                    attention_layout="block_causal", block_size=4, block_router_size=4, block_router_min_experts=2)
+
+
+def run_against_one_process(script_text: str, folder, modes) -> dict:
+    """Run the script as one process ("one"), then on 2 ranks for each mode; the one-process results."""
+    script = folder / "script.py"
+    script.write_text(script_text)
+    launch(script, folder, "one", ranks=1)
+    for mode in modes:
+        launch(script, folder, mode)
+    return torch.load(folder / "one.pt")
+
+
 def test_two_processes_keep_identical_weights_and_expert_bias(tmp_path):
     """DDP with buffer broadcasting off (`ddp_broadcast_buffers=False`): the expert bias stays equal
     on both ranks only because ExpertBiasUpdateCallback all-reduces the loads. Rank 1 reports a huge
@@ -124,15 +139,8 @@ def test_tensor_and_expert_parallel_runs_equal_one_process_for_every_router(tmp_
     """Transformers' own engine on CPU (gloo): TP=2, EP=2 x FSDP=2 (all-to-all) and EP=2 over
     TP=2 (all-reduce) give the one-process logits and greedy tokens, batched and cached."""
 
-    DiffusionMoeForMaskedLM(tiny_config(num_shared_experts=1, router_score_function="sigmoid", expert_capacity=4,
-                                        attention_layout="block_causal", block_size=4, block_router_size=4,
-                                        block_router_min_experts=2)).save_pretrained(tmp_path / "ckpt")
-    script = tmp_path / "parallel.py"
-    script.write_text(PARALLEL_SCRIPT)
-    launch(script, tmp_path, "one", ranks=1)
-    for mode in ("tp", "ep", "tp_ep"):
-        launch(script, tmp_path, mode)
-    reference = torch.load(tmp_path / "one.pt")
+    DiffusionMoeForMaskedLM(tiny_config(**EVERY_ROUTER)).save_pretrained(tmp_path / "ckpt")
+    reference = run_against_one_process(PARALLEL_SCRIPT, tmp_path, ("tp", "ep", "tp_ep"))
     for mode in ("tp", "ep", "tp_ep"):
         for router, (logits, tokens) in torch.load(tmp_path / f"{mode}.pt").items():
             real = torch.ones(2, 12, dtype=torch.bool)
@@ -207,17 +215,9 @@ def test_fsdp2_training_equals_one_process_for_every_router(tmp_path):
     and expert bias for the same global batch, for every router; its checkpoints load in one process
     bit for bit, both the gathered save and the per-rank DCP files once consolidated."""
 
-    model = DiffusionMoeForMaskedLM(tiny_config(
-        num_shared_experts=1, router_score_function="sigmoid", expert_capacity=4, attention_layout="block_causal",
-        block_size=4, block_router_size=4, block_router_min_experts=2, expert_bias_update_rate=0.05,
-        router_z_loss_coef=1e-3))
-    model.save_pretrained(tmp_path / "ckpt")
-    script = tmp_path / "fsdp.py"
-    script.write_text(FSDP_SCRIPT)
-    launch(script, tmp_path, "one", ranks=1)
-    for mode in ("fsdp", "ep_fsdp", "accelerate"):
-        launch(script, tmp_path, mode)
-    reference = torch.load(tmp_path / "one.pt")
+    config = tiny_config(**EVERY_ROUTER, expert_bias_update_rate=0.05, router_z_loss_coef=1e-3)
+    DiffusionMoeForMaskedLM(config).save_pretrained(tmp_path / "ckpt")
+    reference = run_against_one_process(FSDP_SCRIPT, tmp_path, ("fsdp", "ep_fsdp", "accelerate"))
     for router in ("token_choice", "expert_choice", "block", "block_pool"):
         expected = load_file(tmp_path / f"one_{router}" / "model.safetensors")
         bias = "model.layers.0.mlp.gate.expert_bias"
