@@ -86,8 +86,6 @@ class BatchGroup(GroupedView):
 
     def __init__(self, batch_size: int, length: int, device):
         self.batch_size, self.length, self.size = batch_size, length, batch_size * length
-        self.row = torch.zeros(batch_size, length, dtype=torch.long, device=device)  # per_group: every token's group
-        self.sequence_of_group = torch.zeros(1, dtype=torch.long, device=device)
         self.flat_index = torch.arange(self.size, device=device).view(1, -1)
 
     def scatter(self, x: torch.Tensor, fill) -> torch.Tensor:
@@ -95,6 +93,9 @@ class BatchGroup(GroupedView):
 
     def gather(self, y: torch.Tensor) -> torch.Tensor:
         return y.reshape(self.batch_size, self.length, *y.shape[2:])
+
+    def per_group(self, values: torch.Tensor) -> torch.Tensor:
+        return values.view(1, 1, *values.shape[1:]).expand(self.batch_size, self.length, *values.shape[1:])
 
     def per_sequence_sum(self, values: torch.Tensor) -> torch.Tensor:
         return values.expand(self.batch_size)

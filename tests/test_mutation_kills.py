@@ -591,3 +591,32 @@ def test_the_coreset_keeps_the_vote_prefix_up_to_top_p_and_the_first_past_it(top
     padding = torch.ones(1, 4, dtype=torch.bool)
     allowed = block_coreset(scores, padding, GroupedView(chunk_runs(torch.arange(4).view(1, 4), 4)), config)
     assert allowed[0, 0].tolist() == coreset
+
+
+def test_the_batch_group_lays_the_whole_batch_out_as_one_group():
+    from diffusion_moe.modeling.routing_groups import BatchGroup
+
+    batch = BatchGroup(2, 3, "cpu")
+    x = torch.arange(12.0).view(2, 3, 2)
+    assert torch.equal(batch.scatter(x, 0), x.view(1, 6, 2)) and torch.equal(batch.gather(batch.scatter(x, 0)), x)
+    assert torch.equal(batch.flat_index, torch.arange(6).view(1, 6))
+    assert torch.equal(batch.per_group(torch.tensor([7.0])), torch.full((2, 3), 7.0))
+    assert torch.equal(batch.per_sequence_sum(torch.tensor([5.0])), torch.tensor([5.0, 5.0]))
+
+
+@pytest.mark.parametrize("batch_level", [False, True])
+def test_expert_choice_under_expert_parallelism_sends_its_slots_as_tokens(batch_level):
+    """Transformers' EP replaces the experts' forward with its token-layout dispatch and marks the
+    module; one process with the mark (and the plain forward) must give the unmarked logits."""
+    from diffusion_moe import DiffusionMoeForMaskedLM
+
+    model = DiffusionMoeForMaskedLM(tiny_config(router_type="expert_choice", batch_level_expert_choice=batch_level))
+    ids = torch.randint(1, 60, (2, 10))
+    padding = torch.ones(2, 10, dtype=torch.long)
+    padding[1, :3] = 0
+    with torch.no_grad():
+        expected = model(ids, attention_mask=padding).logits
+        for layer in model.model.layers:
+            layer.mlp.experts._is_expert_parallel = True
+        got = model(ids, attention_mask=padding).logits
+    torch.testing.assert_close(got[padding.bool()], expected[padding.bool()], rtol=1e-5, atol=1e-6)

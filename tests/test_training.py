@@ -403,3 +403,20 @@ def test_local_corpus_from_text_files_and_datasets_folder(tmp_path):
     with pytest.raises(ValueError, match="does not exist"):
         read_corpus([str(tmp_path / "missing.txt")])
     assert len(read_corpus(None)) == len(default_corpus()) > 50
+
+
+def test_router_stats_bucket_each_sequence_under_batch_level_expert_choice():
+    """EC-DLM's batch-level expert choice makes the batch one capacity group, but the statistics by
+    mask ratio still count each sequence (the routing unit) in its own bucket."""
+    from conftest import MASK_ID
+    from conftest import tiny_config as plain_config
+
+    model = DiffusionMoeForMaskedLM(plain_config(router_type="expert_choice", batch_level_expert_choice=True)).train()
+    stats = RouterStatsCallback(num_buckets=2)
+    stats.attach(model)
+    ids = torch.randint(1, 60, (2, 8))
+    ids[0] = MASK_ID  # mask ratio 1.0
+    ids[1, :2] = MASK_ID  # 0.25
+    model(ids)
+    stats.detach()
+    assert stats.bucket_count.tolist() == [2.0, 2.0]  # one sequence per bucket, in each of the 2 MoE layers

@@ -137,11 +137,11 @@ class RouterStatsCallback(_RouterHooks):
 
     def _routing_units(self, router, inputs):
         """(groups, mask ratio [G] or None, real tokens [G]) of the routing units (a sequence; each
-        attention block of a block-causal model): computed once per forward, as every MoE layer
+        attention block of a block-causal model), also where expert choice's capacity group is the
+        whole batch (`batch_level_expert_choice`): computed once per forward, as every MoE layer
         of a forward shares its `RoutingInputs`."""
         if getattr(self, "_units_of", None) is not inputs:
-            groups = inputs.groups if inputs.groups is not None else capacity_groups(
-                router.config, inputs.position_ids, inputs.static)
+            groups = capacity_groups(router.config, inputs.position_ids, inputs.static)
             ratio = unit_mask_ratio(groups, inputs.padding_mask, inputs.mask_ratio, inputs.masked)
             real = groups.scatter(inputs.padding_mask, False).sum(1)
             self._units_of, self._units = inputs, (groups, None if ratio is None else ratio.detach().double(), real)
