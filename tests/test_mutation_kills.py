@@ -578,16 +578,19 @@ def test_each_blocks_mask_ratio_counts_only_its_own_real_tokens():
     assert inputs.experts_per_group.tolist() == [3, 2, 3, 3, 3, 1]
 
 
-@pytest.mark.parametrize("top_p, coreset", [(0.75, [True, True, True, False]), (0.3, [True, False, False, False])])
-def test_the_coreset_keeps_the_vote_prefix_up_to_top_p_and_the_first_past_it(top_p, coreset):
-    """Votes 1/2, 1/4, 1/4, 0 (exact in binary): cumulative 1/2, 3/4, 1. With top_p = 3/4 the
-    prefix up to 3/4 is kept, plus the first expert past it; with 0.3 only the first expert."""
+@pytest.mark.parametrize("top_p, coreset, score", [(0.75, [True, True, True, False], 0.8),
+                                                   (0.3, [True, False, False, False], 0.8),
+                                                   (0.3, [True, False, False, False], 0.25)])
+def test_the_coreset_keeps_the_vote_prefix_up_to_top_p_and_the_first_past_it(top_p, coreset, score):
+    """Votes 1/2, 1/4, 1/4, 0 (exact in binary) whatever the scores' scale (votes are divided by
+    their sum): cumulative 1/2, 3/4, 1. With top_p = 3/4 the prefix up to 3/4 is kept, plus the
+    first expert past it; with 0.3 only the first expert."""
     from diffusion_moe.modeling.routing import block_coreset
     from diffusion_moe.modeling.routing_groups import GroupedView, chunk_runs
 
     config = tiny_config(router_type="block", num_experts=4, num_experts_per_tok=1, block_router_size=4,
                          block_router_min_experts=1, block_router_top_p=top_p)
-    scores = torch.tensor([[[.8, 0, 0, 0], [.8, 0, 0, 0], [0, .8, 0, 0], [0, 0, .8, 0]]])
+    scores = score * torch.tensor([[[1.0, 0, 0, 0], [1, 0, 0, 0], [0, 1, 0, 0], [0, 0, 1, 0]]])
     padding = torch.ones(1, 4, dtype=torch.bool)
     allowed = block_coreset(scores, padding, GroupedView(chunk_runs(torch.arange(4).view(1, 4), 4)), config)
     assert allowed[0, 0].tolist() == coreset
@@ -601,6 +604,7 @@ def test_the_batch_group_lays_the_whole_batch_out_as_one_group():
     assert torch.equal(batch.scatter(x, 0), x.view(1, 6, 2)) and torch.equal(batch.gather(batch.scatter(x, 0)), x)
     assert torch.equal(batch.flat_index, torch.arange(6).view(1, 6))
     assert torch.equal(batch.per_group(torch.tensor([7.0])), torch.full((2, 3), 7.0))
+    assert torch.equal(batch.per_group(torch.tensor([[1.0, 2.0]])), torch.tensor([1.0, 2.0]).expand(2, 3, 2))
     assert torch.equal(batch.per_sequence_sum(torch.tensor([5.0])), torch.tensor([5.0, 5.0]))
 
 
@@ -614,9 +618,68 @@ def test_expert_choice_under_expert_parallelism_sends_its_slots_as_tokens(batch_
     ids = torch.randint(1, 60, (2, 10))
     padding = torch.ones(2, 10, dtype=torch.long)
     padding[1, :3] = 0
+    layouts = []  # how each call reaches the experts: token layout (EP) or expert layout
+    for layer in model.model.layers:
+        layer.mlp.experts.register_forward_pre_hook(
+            lambda module, args, kwargs: layouts.append("expert" if "token_index" in kwargs else "token"),
+            with_kwargs=True)
     with torch.no_grad():
         expected = model(ids, attention_mask=padding).logits
         for layer in model.model.layers:
             layer.mlp.experts._is_expert_parallel = True
         got = model(ids, attention_mask=padding).logits
+    assert layouts == ["expert", "expert", "token", "token"]
     torch.testing.assert_close(got[padding.bool()], expected[padding.bool()], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("length, schedule, slots", [(8, "constant", 2), (4, "constant", 1), (8, "linear_reverse", 4)])
+def test_static_expert_choice_slots_are_the_most_a_group_of_its_size_can_get(length, schedule, slots):
+    """Static shapes: every expert gets size * k_max // E slots (at least 1), k_max = k, or
+    capacity_max under a schedule; never more than the group holds."""
+    from diffusion_moe.modeling.routing import routing_inputs_for
+
+    config = tiny_config(router_type="expert_choice", capacity_schedule=schedule, capacity_min=1, capacity_max=4)
+    padding = torch.ones(2, length, dtype=torch.bool)
+    positions = torch.arange(length).expand(2, length)
+    inputs = routing_inputs_for(config, padding, positions, mask_ratio=torch.tensor([0.5, 1.0]), static=True)
+    assert inputs.expert_choice_slots == slots
+
+
+@pytest.mark.parametrize("layout, real", [("bidirectional", [8, 8]), ("block_causal", [4, 4, 4, 4])])
+def test_capacity_groups_are_sequences_or_attention_blocks(layout, real):
+    """Expert choice's capacity groups: whole sequences in a bidirectional model, however long
+    against `block_size`; each attention block in a block-causal one."""
+    from diffusion_moe.modeling.routing import routing_inputs_for
+
+    config = tiny_config(router_type="expert_choice", attention_layout=layout, block_size=4)
+    inputs = routing_inputs_for(config, torch.ones(2, 8, dtype=torch.bool), torch.arange(8).expand(2, 8))
+    assert inputs.real_per_group.tolist() == real
+
+
+def test_scheduled_token_choice_takes_each_tokens_k_and_renormalises_only_above_one():
+    """Token choice under a capacity schedule: a token of a sequence with k_t experts gets exactly
+    k_t nonzero weights (k_t from 1 to capacity_max = 4 > num_experts_per_tok), renormalised to 1
+    when k_t > 1, the score itself when k_t = 1 (as LLaDA2's gate for k = 1)."""
+    router = make_router(capacity_schedule="linear_reverse", capacity_min=1, capacity_max=4, norm_topk_prob=True)
+    padding = torch.ones(4, 6, dtype=torch.bool)
+    ratio = torch.tensor([1.0, 0.6, 0.3, 0.0])
+    decision, stats = route(router, padding, mask_ratio=ratio)
+    k = decision.inputs.experts_per_token.view(-1)
+    assert sorted(set(k.tolist())) == [1, 2, 3, 4]
+    weights = decision.expert_weights.view(24, -1)
+    assert torch.equal((weights > 0).sum(-1), k) and torch.equal(stats.experts_per_token.view(-1), k)
+    sums = weights.sum(-1)
+    torch.testing.assert_close(sums[k > 1], torch.ones(int((k > 1).sum())))
+    one = k == 1
+    scores = decision.router_probs.view(24, -1).gather(-1, decision.expert_index.view(24, -1)[:, :1])
+    torch.testing.assert_close(sums[one], scores[one].view(-1))
+    assert (sums[one] < 1).all()
+
+
+def test_group_limited_token_choice_keeps_two_groups_apart():
+    """n_group = 2, topk_group = 1: every token's experts come from one half of the experts."""
+    router = make_router(n_group=2, topk_group=1, num_experts_per_tok=2)
+    decision, _ = route(router, torch.ones(3, 16, dtype=torch.bool))
+    halves = decision.expert_index.view(48, 2) // 4
+    assert torch.equal(halves[:, 0], halves[:, 1])
+    assert set(halves[:, 0].tolist()) == {0, 1}  # both halves are used, by different tokens
