@@ -1,8 +1,9 @@
 """How the model runs for the current block: one class per way of reusing work.
 
-Every runner's `block_logits(s, e)` returns the logits [B, e - s, V] of canvas positions
-[s, e) and, when asked for routing statistics, which routed experts each MoE layer used for
-each sample's block tokens ([layers, B, E] bool). `prefill(end)` and `finish_block(s, e)`
+Every runner's `block_logits(s, e, columns)` returns the logits [B, e - s, V] of canvas
+positions [s, e) (only at the block positions `columns` when given: [B, len(columns), V]) and,
+when asked for routing statistics, which routed experts each MoE layer used for each sample's
+block tokens ([layers, B, E] bool, from all of the block's tokens). `prefill(end)` and `finish_block(s, e)`
 are the cache bookkeeping around it. The model is called through its `forward` with
 `logits_to_keep`, so only the block's logits are projected onto the vocabulary.
 
@@ -39,17 +40,19 @@ class BlockRunner:
     def finish_block(self, s: int, e: int):
         pass
 
-    def block_logits(self, s: int, e: int):
+    def block_logits(self, s: int, e: int, columns: torch.Tensor | None = None):
         raise NotImplementedError
 
     def _mask(self, end=None):
         """The padding mask of canvas [0, end), or None when nothing is padded (SDPA's fast path)."""
         return None if self.no_padding else self.real[:, :end]
 
-    def _forward(self, ids, mask, keep: slice, past=None, position_ids=None, stats=True):
+    def _forward(self, ids, mask, keep: slice, past=None, position_ids=None, stats=True, columns=None):
+        """`keep`: the block's positions in `ids`; `columns` narrows the logits to those block positions."""
+        logits_at = keep if columns is None else torch.arange(ids.shape[1], device=ids.device)[keep][columns]
         out = self.model(
             input_ids=ids, attention_mask=mask, position_ids=position_ids, cache=past,
-            use_cache=past is not None, logits_to_keep=keep, output_router_stats=self.collect and stats,
+            use_cache=past is not None, logits_to_keep=logits_at, output_router_stats=self.collect and stats,
         )
         used = None
         if self.collect and stats and out.router_stats:
@@ -58,13 +61,13 @@ class BlockRunner:
 
 
 class UncachedRunner(BlockRunner):
-    def block_logits(self, s, e):
-        return self._forward(self.x[:, :e], self._mask(e), slice(s, e))
+    def block_logits(self, s, e, columns=None):
+        return self._forward(self.x[:, :e], self._mask(e), slice(s, e), columns=columns)
 
 
 class FullRunner(BlockRunner):
-    def block_logits(self, s, e):
-        return self._forward(self.x, self._mask(), slice(s, e))
+    def block_logits(self, s, e, columns=None):
+        return self._forward(self.x, self._mask(), slice(s, e), columns=columns)
 
 
 class ExactCacheRunner(BlockRunner):
@@ -77,8 +80,8 @@ class ExactCacheRunner(BlockRunner):
         if end > start:
             self._forward(self.x[:, start:end], self.real[:, :end], slice(0, 0), past=self.cache, stats=False)
 
-    def block_logits(self, s, e):
-        result = self._forward(self.x[:, s:e], self._mask(e), slice(None), past=self.cache)
+    def block_logits(self, s, e, columns=None):
+        result = self._forward(self.x[:, s:e], self._mask(e), slice(None), past=self.cache, columns=columns)
         self.cache.crop(s - self.cache.get_seq_length())  # crop takes minus the tokens to remove
         return result
 
@@ -107,14 +110,15 @@ class StaticCacheRunner(ExactCacheRunner):
                               self.real[:, :end], False)
         self.length = end
 
-    def block_logits(self, s, e):
+    def block_logits(self, s, e, columns=None):
         if self.block_mask is None or self.block_mask[0] != (s, e):
             self.block_mask = ((s, e), self._block_mask(s, e))  # once per block
         self._rewind(s)
         logits, used = self.step(self.model, self.cache, self.x[:, s:e], self.positions[:, s:e], self.block_mask[1],
                                  self.real[:, s:e], self.collect)
         self.length = e
-        return logits.clone(), used  # a compiled graph may reuse its output buffers
+        # a compiled graph may reuse its output buffers; its shapes are fixed, so narrowing comes after
+        return (logits.clone() if columns is None else logits[:, columns]), used
 
     def finish_block(self, s, e):
         self._rewind(s)
@@ -155,13 +159,13 @@ class PrefixCacheRunner(BlockRunner):
     """Fast-dLLM prefix cache: at a block's first step a full forward also records the prefix's
     keys/values; later steps run the block and everything after it on that stale prefix."""
 
-    def block_logits(self, s, e):
+    def block_logits(self, s, e, columns=None):
         if self.block_start != s:  # the block's first step
             self.block_start, self.cache = s, DynamicCache(config=self.model.config)
-            result = self._forward(self.x, self._mask(), slice(s, e), past=self.cache)
+            result = self._forward(self.x, self._mask(), slice(s, e), past=self.cache, columns=columns)
             self.cache.crop(s - self.cache.get_seq_length())
             return result
-        result = self._forward(self.x[:, s:], self._mask(), slice(0, e - s), past=self.cache)
+        result = self._forward(self.x[:, s:], self._mask(), slice(0, e - s), past=self.cache, columns=columns)
         self.cache.crop(s - self.cache.get_seq_length())
         return result
 
@@ -171,11 +175,11 @@ class DualCacheRunner(BlockRunner):
     later steps run only the block on them. Bidirectional attention ignores key order, so the
     cache holds [prefix, suffix] and the block's positions are passed explicitly."""
 
-    def block_logits(self, s, e):
+    def block_logits(self, s, e, columns=None):
         x, real = self.x, self.real
         if self.block_start != s:  # the block's first step
             self.block_start, full = s, DynamicCache(config=self.model.config)
-            result = self._forward(x, self._mask(), slice(s, e), past=full)
+            result = self._forward(x, self._mask(), slice(s, e), past=full, columns=columns)
             self.cache = DynamicCache(config=self.model.config)
             for i, layer in enumerate(full.layers):
                 keep = [layer.keys[..., :s, :], layer.keys[..., e:, :]], [layer.values[..., :s, :], layer.values[..., e:, :]]
@@ -184,6 +188,6 @@ class DualCacheRunner(BlockRunner):
         past_length = self.cache.get_seq_length()
         mask = torch.cat([real[:, :s], real[:, e:], real[:, s:e]], dim=1)
         positions = positions_from_padding(real)[:, s:e]
-        result = self._forward(x[:, s:e], mask, slice(None), past=self.cache, position_ids=positions)
+        result = self._forward(x[:, s:e], mask, slice(None), past=self.cache, position_ids=positions, columns=columns)
         self.cache.crop(past_length - self.cache.get_seq_length())
         return result

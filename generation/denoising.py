@@ -16,7 +16,9 @@ not care which one runs:
   ids; levenshtein_editing.py): edits may also delete a position or split it in two.
 
 Both also answer `start_block(block, editable)` and `before_step(block)` with the [B]
-samples that have nothing (more) to do, so the loop can stop when every sample is done.
+samples that have nothing (more) to do, so the loop can stop when every sample is done, and
+`positions_to_predict(block)`: the [B, W] positions whose prediction the step can use (None:
+all), so that the loop projects only those onto the vocabulary.
 """
 
 import torch
@@ -140,6 +142,10 @@ class MaskFilling:
     def active(self, block: torch.Tensor) -> torch.Tensor:
         return (block == self.mask_token_id) & self.editable
 
+    def positions_to_predict(self, block: torch.Tensor) -> torch.Tensor:
+        """Only masked positions can commit; committed tokens are final."""
+        return self.active(block)
+
     def update(self, block: torch.Tensor, tokens: torch.Tensor, confidence: torch.Tensor, scores=None):
         """(the block with this step's commits, [B] whether each sample's block is done).
         `scores` [B, W, V], the processed scores, for rules that re-predict (LLaDA2.2's)."""
@@ -184,6 +190,10 @@ class TokenEditing:
 
     def active(self, block: torch.Tensor) -> torch.Tensor:
         return (block == self.mask_token_id) & self.editable
+
+    def positions_to_predict(self, block: torch.Tensor) -> None:
+        """Every position: decided tokens can be edited."""
+        return None
 
     def before_step(self, block: torch.Tensor) -> torch.Tensor:
         """A step that starts without masks is a post step; past `max_post_steps` of them the

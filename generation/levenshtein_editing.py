@@ -76,6 +76,10 @@ class LevenshteinEditing:
             self.edits = torch.zeros(B, 3, dtype=torch.long, device=block.device)
         return self.over
 
+    def positions_to_predict(self, block: torch.Tensor) -> None:
+        """Every position: decided tokens can be edited, deleted or split."""
+        return None
+
     def before_step(self, block: torch.Tensor) -> torch.Tensor:
         """post_steps from the block before the step; past the budget with no mask left, the
         block ends before the forward."""

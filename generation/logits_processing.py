@@ -116,7 +116,7 @@ class BlockOffsets:
     """
 
     def __init__(self, prompt_ids: torch.Tensor, answer_offsets: torch.Tensor):
-        self.prompt_ids = prompt_ids
+        self.prompt_ids, self.width = prompt_ids, answer_offsets.shape[1]
         offsets = answer_offsets.cpu()
         self.groups = []  # (offset, rows, block positions), by increasing offset
         for offset in offsets[offsets >= 0].unique().tolist():
@@ -126,12 +126,21 @@ class BlockOffsets:
         self.decided = [(length + 1, (last == length).nonzero(as_tuple=True)[0].to(prompt_ids.device))
                         for length in last[last >= 0].unique().tolist()]
 
-    def process(self, processors, scores: torch.Tensor, answer: torch.Tensor) -> torch.Tensor:
-        """Processed block scores [B, W, V]; `answer` [B, N] holds the mask token where undecided."""
+    def process(self, processors, scores: torch.Tensor, answer: torch.Tensor, columns=None) -> torch.Tensor:
+        """Processed block scores [B, W, V] ([B, len(columns), V]: the scores of the block
+        positions `columns` only); `answer` [B, N] holds the mask token where undecided."""
         if not processors:
             return scores
         out = scores.clone()
+        if columns is not None:  # block position -> its index in `scores` (-1: not there)
+            at = torch.full((self.width,), -1, dtype=torch.long, device=scores.device)
+            at[columns] = torch.arange(len(columns), device=scores.device)
         for offset, rows, cols in self.groups:
+            if columns is not None:
+                cols = at[cols]
+                rows, cols = rows[cols >= 0], cols[cols >= 0]
+                if not len(rows):
+                    continue
             ids = torch.cat([self.prompt_ids[rows], answer[rows, :offset]], dim=1)
             out[rows, cols] = processors(ids, scores[rows, cols])
         return out

@@ -143,6 +143,22 @@ def test_exact_cache_equals_no_cache_batched(router, threshold):
     )
 
 
+@pytest.mark.parametrize("router", ROUTERS)
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_projecting_only_the_masked_positions_changes_no_token(router, use_cache, monkeypatch):
+    """generate() projects only the block positions still masked onto the vocabulary; with
+    processors that read each position's answer offset, batched and left-padded, the tokens
+    are those of projecting the whole block."""
+    import diffusion_moe.generation.generation_utils as generation_utils
+
+    model = tiny_model(router=router, seed=3)
+    ids, mask = left_pad([prompt(2, 1), prompt(9, 2), prompt(5, 3)])
+    settings = dict(**GEN, threshold=0.3, use_cache=use_cache, repetition_penalty=3.0, min_new_tokens=5)
+    narrowed = model.generate(ids, mask, **settings)
+    monkeypatch.setattr(generation_utils, "_predicted_columns", lambda positions: None)
+    assert torch.equal(narrowed, model.generate(ids, mask, **settings))
+
+
 @pytest.mark.parametrize("schedule", CAPACITY_SCHEDULES)
 @pytest.mark.parametrize("router", ROUTERS)
 @settings(max_examples=2, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])

@@ -63,7 +63,7 @@ def scripted_model(fn, router="token_choice", edit_ids=True):
     def hook(module, args, kwargs, output):
         keep = kwargs.get("logits_to_keep")
         full = scripted_logits(fn, kwargs["input_ids"])
-        if isinstance(keep, slice):
+        if isinstance(keep, (slice, torch.Tensor)):  # a tensor: the positions generate still predicts
             full = full[:, keep]
         elif isinstance(keep, int) and keep > 0:
             full = full[:, -keep:]

@@ -410,15 +410,22 @@ def test_the_bell_gaussian_schedule_function_is_its_formula():
 
 
 @pytest.mark.parametrize("use_cache", [True, False])
-def test_generate_projects_only_the_blocks_positions_onto_the_vocabulary(use_cache):
+def test_generate_projects_only_the_positions_still_masked_onto_the_vocabulary(use_cache):
+    """Each denoising forward projects exactly the block positions still masked in some
+    sample (the union over the batch); prefill and cache appends project nothing."""
     model = tiny_model(seed=3)
     ids, mask = left_pad([prompt(9, 2), prompt(13, 3)])  # two prompt blocks to prefill, padded rows
-    widths = []
+    inputs, widths = [], []
+    model.register_forward_pre_hook(lambda m, args, kwargs: inputs.append(kwargs["input_ids"].clone()),
+                                   with_kwargs=True)
     model.lm_head.register_forward_hook(lambda m, args, out: widths.append(args[0].shape[1]))
     out = model.generate(ids, mask, max_new_tokens=10, block_length=4, steps=2, use_cache=use_cache,
-                         return_dict_in_generate=True)
-    steps = [w for w in widths if w]
-    assert steps == [4] * out.num_forward_passes  # each denoising forward: the block's 4 positions
+                         eos_token_id=None, return_dict_in_generate=True)
+    steps = [(w, x) for w, x in zip(widths, inputs) if w]
+    assert len(steps) == out.num_forward_passes
+    # the block is the input's last 4 positions, cached (the block alone) or not (the canvas)
+    assert [w for w, _ in steps] == [int((x[:, -4:] == MASK).any(0).sum()) for _, x in steps]
+    assert sum(w for w, _ in steps) < 4 * len(steps)  # a block's second step has fewer masks left
     if use_cache:
         assert len(widths) > len(steps)  # prefill / append forwards ran, projecting nothing
 
