@@ -18,6 +18,8 @@ import torch
 from llada2_2_editing_reference import apply_edit_operations, llada22_answer, reference_generate_llada22
 from test_generation import EOS, MASK, PAD, ROUTERS, V, left_pad, tiny_model
 
+from diffusion_moe.generation import DiffusionGenerationConfig
+from diffusion_moe.generation.levenshtein_editing import LevenshteinEditing
 from diffusion_moe.generation.levenshtein_editing import apply_edit_operations as ours_apply
 
 DELETE, SPLIT = 59, 60
@@ -92,6 +94,7 @@ SETTINGS = [  # threshold, editing_threshold, max_post_steps, steps, EOS
     (0.7, 0.3, 3, 2, None),
     (0.6, 0.1, 0, 4, None),  # no post steps: the final round is the step that fills the last mask
     (0.5, 0.0, 4, 4, EOS),
+    (0.5, 0.2, 1, 2, None),  # one post step: the final round is the first step after the last mask
 ]
 
 
@@ -112,6 +115,7 @@ def check_against_the_reference(seeds, threshold, editing, post, steps, eos, new
         assert out.sequences[0].tolist() == want.tolist(), seed
         for name in ("substitutions", "deletions", "insertions"):
             assert out.edits[name].item() == sum(s[name] for s in stats), (seed, name)
+        assert out.num_forward_passes == sum(s["forwards"] for s in stats), seed  # blocks end when the reference's do
         for s in stats:
             for name, value in s.items():
                 if not isinstance(value, str):
@@ -152,117 +156,98 @@ def test_cached_uncached_static_and_batched_runs_agree(router):
         assert row[ids.shape[1]:].tolist() == want.tolist()
 
 
-def test_edit_application_is_the_references_left_to_right_scan():
-    g = torch.Generator().manual_seed(0)
-    for _ in range(200):
-        old = torch.randint(1, 6, (3, 6), generator=g)
-        old[torch.rand(3, 6, generator=g) < 0.3] = MASK
-        written = torch.where(torch.rand(3, 6, generator=g) < 0.5,
-                              torch.tensor(LIKELY)[torch.randint(0, len(LIKELY), (3, 6), generator=g)], old)
-        original = torch.rand(3, 6, generator=g) < 0.5
-        tokens, flags = ours_apply(written, old, original, MASK, DELETE, SPLIT)
-        for b in range(3):
-            want_tokens, want_flags = apply_edit_operations(written[b].tolist(), old[b].tolist(),
-                                                            original[b].tolist(), MASK, 6, DELETE, SPLIT)
-            assert tokens[b].tolist() == want_tokens and flags[b].tolist() == want_flags
-
-
-def test_today_editing_is_unchanged_without_edit_ids_and_edit_ids_in_prompts_are_refused():
-    fn = script(3)
+@pytest.mark.parametrize("seed", [3, 11])
+def test_each_row_of_a_batch_counts_its_own_masks_steps_and_edits(seed):
+    """Rows whose blocks settle at different steps: each row's forwards and edit counts are
+    its own run's (a batch-wide mask count or stability test would keep rows going)."""
+    fn = script(seed)
     model = scripted_model(fn)
-    settings = dict(max_new_tokens=8, block_length=BLOCK, steps=4, threshold=0.5, editing_threshold=0.0,
-                    max_post_steps=4, eos_token_id=None, return_dict_in_generate=True)
-    ids = prompt(3, 1)
-    plain = scripted_model(fn, edit_ids=False)  # LLaDA2.1's editing: DELETE is just a token there
-    assert set(plain.generate(ids, **settings).edits) == {"substitutions"}
-    with pytest.raises(ValueError, match="delete_token_id"):
-        model.generate(torch.tensor([[1, DELETE, 2]]), **settings)
-    with pytest.raises(ValueError, match="max_steps_per_block"):
-        plain.generate(ids, max_new_tokens=4, block_length=BLOCK, steps=4, editing_threshold=0.0, max_steps_per_block=9)
-    assert model.generate(ids, max_new_tokens=4, block_length=BLOCK, steps=4, return_dict_in_generate=True).edits \
-        is None  # no editing asked for: LLaDA2.0's rule
+    prompts = [prompt(5, 1), prompt(2, 2), prompt(7, 3)]
+    settings = dict(max_new_tokens=7, block_length=BLOCK, steps=2, threshold=0.6, editing_threshold=0.1,
+                    max_post_steps=0, eos_token_id=None, return_dict_in_generate=True)
+    alone = []
+    for p in prompts:
+        torch.manual_seed(0)
+        alone.append(model.generate(p, **settings))
+    ids, mask = left_pad(prompts)
+    torch.manual_seed(0)
+    batched = model.generate(ids, mask, **settings)
+    for i, (p, one) in enumerate(zip(prompts, alone)):
+        assert batched.sequences[i, ids.shape[1]:].tolist() == one.sequences[0, p.shape[1]:].tolist()
+        assert batched.tokens_per_forward[i].item() == pytest.approx(one.tokens_per_forward[0].item())
+        for name, counts in batched.edits.items():
+            assert counts[i].item() == one.edits[name][0].item(), (i, name)
 
 
-# --- named scenarios (FluxServe's parity harness style: a block's tokens -> per-position probabilities)
+def editing_rule(**settings):
+    config = DiffusionGenerationConfig(**{"block_length": BLOCK, "steps": 2, "threshold": 0.5, "editing_threshold": 0.25,
+                                          "max_post_steps": 4, **settings})
+    return LevenshteinEditing(config, MASK, DELETE, SPLIT)
 
 
-def rows(dists):
-    """Logits [len(dists), V] giving each position the probabilities `dists[i]` (the rest uniform)."""
-    out = torch.empty(len(dists), V)
-    for i, dist in enumerate(dists):
-        rest = (1 - sum(dist.values())) / (V - len(dist))
-        out[i] = torch.log(torch.tensor(rest))
-        for token, p in dist.items():
-            out[i, token] = torch.log(torch.tensor(p))
-    return out
+def step(rule, block, tokens, confidence):
+    rule.before_step(block)
+    scores = torch.zeros(*block.shape, V)
+    return rule.update(block, torch.tensor([tokens]), torch.tensor([confidence]), scores)
 
 
-def scenario(block_to_dists):
-    table = {}
-
-    def fn(block, slot):
-        if block not in table:
-            table[block] = rows(block_to_dists(list(block)))
-        return table[block][slot]
-    return fn
-
-
-def fill(tokens, p=0.95):
-    return [{t: p} for t in tokens]
+def test_a_step_fills_above_the_threshold_and_edits_above_the_editing_threshold_strictly():
+    rule = editing_rule()
+    block = torch.full((1, 4), MASK)
+    rule.start_block(block, torch.ones(1, 4, dtype=torch.bool))
+    # quota 4 / 2 = 2; exactly two masks above 0.5: they fill, the one at exactly 0.5 does not
+    block, _ = step(rule, block, [1, 2, 3, 4], [0.5, 0.6, 0.9, 0.1])
+    assert block.tolist() == [[MASK, 2, 3, MASK]]
+    # decided positions are edited above 0.25 only: 0.25 exactly keeps 2, 0.3 replaces 3
+    block, _ = step(rule, block, [1, 5, 4, 4], [0.1, 0.25, 0.3, 0.1])
+    assert block[0, 1:3].tolist() == [2, 4]
 
 
-A = [3, 4, 5, 6]
+def test_the_quota_counts_only_the_masks_of_the_blocks_entry():
+    rule = editing_rule(steps=3, threshold=None)
+    block = torch.tensor([[7, MASK, MASK, MASK]])  # an editable decided token at entry is not a mask to fill
+    rule.start_block(block, torch.ones(1, 4, dtype=torch.bool))
+    block, _ = step(rule, block, [7, 1, 2, 3], [0.9, 0.8, 0.7, 0.6])
+    assert block.tolist() == [[7, 1, MASK, MASK]]  # quota 3 / 3 = 1, by confidence; no threshold
 
 
-def delete_at_the_end(b):  # [3,4,5,6] -> DELETE at the last slot -> [3,4,5,M(new)] -> 9
-    if b == A:
-        return fill([3, 4, 5, DELETE])
-    if b == [3, 4, 5, MASK]:
-        return fill([3, 4, 5, 9])
-    return fill([t if t != MASK else A[i] for i, t in enumerate(b)])
-
-
-def split_pushes_out(b):  # SPLIT at slot 1 -> [3,M,4,5]: 6 falls off the block -> 9
-    if b == A:
-        return fill([3, SPLIT, 5, 6])
-    if b == [3, MASK, 4, 5]:
-        return fill([3, 9, 4, 5])
-    return fill([t if t != MASK else A[i] for i, t in enumerate(b)]) if MASK in b else fill(b)
-
-
-def final_round(b):  # DELETE keeps being proposed at slot 0 (second choice 17); the final round takes 17
-    if b.count(MASK) == 4:
-        return fill(A)
-    dists = [{DELETE: 0.6, 17: 0.3}] + [{t: 0.9} for t in b[1:]]
-    if b[-1] == MASK:
-        dists[-1] = {7: 0.3}
-    return dists
-
-
-def toggles(b):  # slots 0 and 1 flip 3 <-> 7 and 4 <-> 8 (second choices 10, 11): the loop guard ends it
-    if MASK in b:
-        return fill(A)
-    d0 = {3: {7: .8, 10: .15}, 7: {3: .8, 10: .15}}.get(b[0], {b[0]: .9})
-    d1 = {4: {8: .8, 11: .15}, 8: {4: .8, 11: .15}}.get(b[1], {b[1]: .9})
-    return [d0, d1, {b[2]: .9}, {b[3]: .9}]
-
-
-@pytest.mark.parametrize("name, dists, post, answer", [
-    ("delete at the block end", delete_at_the_end, 16, [3, 4, 5, 9]),
-    ("a split pushes a token out", split_pushes_out, 16, [3, 9, 4, 5]),
-    ("the final round forbids DELETE", final_round, 2, [17, 5, 6, 7]),
-    ("no post steps: the filling step is the final round",
-     lambda b: [{3: .9}, {DELETE: .6, 9: .3}, {5: .9}, {6: .9}], 0, [3, 9, 5, 6]),
-    ("the loop guard", toggles, 16, [10, 11, 5, 6]),
-])
-def test_named_edit_scenarios(name, dists, post, answer):
-    fn = scenario(dists)
-    model = scripted_model(fn)
-    ids = torch.tensor([[1, 2, 3, 4]])
-    for seed in range(3):
+def test_threshold_none_fills_by_quota_alone():
+    """threshold=None: the reference with a threshold no confidence passes."""
+    for seed in (0, 1):
+        fn = script(seed)
+        ids = prompt(3 + seed, seed)
         torch.manual_seed(seed)
-        want, _ = reference(fn, ids, 4, 0.5, 0.0, post, 4, None)
+        want, _ = reference(fn, ids, 10, float("inf"), 0.1, 2, 2, None)
+        model = scripted_model(fn)
         torch.manual_seed(seed)
-        got = model.generate(ids, max_new_tokens=4, block_length=BLOCK, steps=4, threshold=0.5, editing_threshold=0.0,
-                             max_post_steps=post, eos_token_id=None)
-        assert got[0].tolist() == want.tolist() == [1, 2, 3, 4] + answer, name
+        out = model.generate(ids, max_new_tokens=10, block_length=BLOCK, steps=2, threshold=None, editing_threshold=0.1,
+                             max_post_steps=2, eos_token_id=None)
+        assert out[0].tolist() == want.tolist(), seed
+
+
+def test_max_steps_per_block_ends_the_block_with_a_warning_counting_the_masks_left(caplog):
+    import logging
+
+    rule = editing_rule(steps=4, threshold=None, max_steps_per_block=2)
+    block = torch.full((1, 4), MASK)
+    rule.start_block(block, torch.ones(1, 4, dtype=torch.bool))
+    block, over = step(rule, block, [1, 2, 3, 4], [0.1, 0.1, 0.9, 0.1])
+    assert not over.any() and block.tolist() == [[MASK, MASK, 3, MASK]]
+    with caplog.at_level(logging.WARNING):
+        block, over = step(rule, block, [1, 5, 3, 4], [0.1, 0.8, 0.9, 0.1])
+    assert over.all() and block.tolist() == [[MASK, 5, 3, MASK]]  # quota 1 a step; the budget of 2 steps is spent
+    messages = [r.getMessage() for r in caplog.records]
+    assert any("max_steps_per_block=2 reached; 2 masks left in the block." in m for m in messages), messages
+    assert rule.step == 2
+
+
+def test_the_budget_warning_counts_masks_not_tokens(caplog):
+    import logging
+
+    rule = editing_rule(steps=4, threshold=None, max_steps_per_block=1)
+    block = torch.full((1, 4), MASK)
+    rule.start_block(block, torch.ones(1, 4, dtype=torch.bool))
+    with caplog.at_level(logging.WARNING):
+        block, over = step(rule, block, [1, 2, 3, 4], [0.1, 0.1, 0.9, 0.1])
+    assert over.all() and block.tolist() == [[MASK, MASK, 3, MASK]]
+    assert any("3 masks left in the block." in r.getMessage() for r in caplog.records)

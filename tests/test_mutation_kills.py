@@ -690,3 +690,23 @@ def test_group_limited_token_choice_keeps_two_groups_apart():
     halves = decision.expert_index.view(48, 2) // 4
     assert torch.equal(halves[:, 0], halves[:, 1])
     assert set(halves[:, 0].tolist()) == {0, 1}  # both halves are used, by different tokens
+
+
+def test_the_loss_defaults_to_elbo_reads_label_zero_and_computes_bf16_logits_in_fp32():
+    g = torch.Generator().manual_seed(0)
+    logits = torch.randn(2, 5, 7, generator=g)
+    labels = torch.tensor([[0, -100, 3, 0, -100], [-100, 6, 0, -100, -100]])  # token 0 is a label like any other
+    padding = torch.ones(2, 5, dtype=torch.long)
+    padding[1, 4] = 0
+    weights = diffusion_loss_weights(labels, padding)
+    # ELBO: t_b = labelled / real tokens (3/5, 2/4), each labelled position weighs 1 / (t_b * 9 real tokens)
+    expected_weights = torch.tensor([[1, 0, 1, 1, 0], [0, 1, 1, 0, 0]]) / torch.tensor([[0.6 * 9], [0.5 * 9]])
+    torch.testing.assert_close(weights, expected_weights)
+    loss = diffusion_loss.masked_diffusion_loss(logits, labels, padding)
+    log_p = logits.log_softmax(-1)
+    expected = sum(expected_weights[b, i] * -log_p[b, i, labels[b, i]]
+                   for b in range(2) for i in range(5) if labels[b, i] >= 0)
+    torch.testing.assert_close(loss, expected)
+    half = logits.bfloat16()
+    upcast = diffusion_loss.masked_diffusion_loss(half.float(), labels, padding)
+    assert torch.equal(diffusion_loss.masked_diffusion_loss(half, labels, padding), upcast)  # fp32, not bf16
