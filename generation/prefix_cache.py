@@ -78,7 +78,8 @@ def model_signature(model) -> dict:
 
 def _weights_fingerprint(model) -> tuple:
     """Sums (fp64, on the CPU) of up to 4096 evenly strided entries of the embedding and of
-    every attention layer's key/value projections: cheap, and different for another checkpoint."""
+    every attention layer's key/value projections: cheap, and different for another checkpoint.
+    A quantized weight (a tensor subclass, e.g. torchao's) is read through `dequantize()`."""
     tensors = [model.get_input_embeddings().weight]
     for module in model.modules():
         for name in ("k_proj", "v_proj"):
@@ -92,6 +93,8 @@ def _weights_fingerprint(model) -> tuple:
             continue
         if hasattr(tensor, "to_local"):  # a DTensor (tensor parallelism): this rank's shard
             tensor = tensor.to_local()
+        if type(tensor) not in (torch.Tensor, torch.nn.Parameter):  # a quantized subclass (torchao's
+            tensor = tensor.dequantize()  # Int8Tensor implements no view): its values
         flat = tensor.detach().reshape(-1)
         sample = flat[:: max(flat.numel() // 4096, 1)][:4096]
         sums.append(float(sample.cpu().double().sum()))  # on the CPU: some devices have no fp64

@@ -162,6 +162,39 @@ def test_a_cache_from_another_device_is_an_error_naming_the_device():
         no_forward(model).generate(first.sequences, **GEN, cache=first.cache)
 
 
+class QuantizedWeight(torch.Tensor):
+    """A stand-in for a quantized weight (torchao's Int8Tensor): a tensor subclass that
+    implements `detach` (what `nn.Parameter` needs) and `dequantize()`, and no other op."""
+
+    @staticmethod
+    def __new__(cls, values):
+        return torch.Tensor._make_wrapper_subclass(cls, values.shape, dtype=values.dtype, device=values.device)
+
+    def __init__(self, values):
+        self.values = values
+
+    def dequantize(self):
+        return self.values
+
+    @classmethod
+    def __torch_dispatch__(cls, func, types, args=(), kwargs=None):
+        if func is torch.ops.aten.detach.default:
+            return cls(args[0].values.detach())
+        raise NotImplementedError(f"QuantizedWeight dispatch: {func}")
+
+
+def test_a_quantized_models_cache_signature_reads_its_weights_through_dequantize():
+    from diffusion_moe.generation.prefix_cache import model_signature
+
+    model, other = tiny_model(seed=5), tiny_model(seed=6)
+    plain = model_signature(model)
+    attention = model.model.layers[0].self_attn
+    attention.k_proj.weight = torch.nn.Parameter(QuantizedWeight(attention.k_proj.weight.detach()),
+                                                 requires_grad=False)
+    assert model_signature(model) == plain  # the same values: the same model
+    assert model_signature(other)["weights"] != plain["weights"]
+
+
 def test_a_cache_made_by_hand_is_an_error():
     from diffusion_moe.generation.prefix_cache import prefix_buffer_cache
 
