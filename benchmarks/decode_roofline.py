@@ -45,7 +45,7 @@ from diffusion_moe.conversion.llada2 import convert_diffusion_moe_to_llada2
 from diffusion_moe.modeling.modeling_diffusion_moe import DiffusionMoeForMaskedLM
 
 sys.path.insert(0, str(Path(__file__).parent))
-from generation import counted_flops  # noqa: E402  (the FLOP counter that also sees grouped GEMMs)
+from generation import best_matmul_rate, counted_flops  # noqa: E402  (the FLOP counter sees grouped GEMMs)
 
 ROUTERS = {  # label -> config overrides on the saved token-choice model
     "token choice": {"router_type": "token_choice"},
@@ -92,13 +92,6 @@ def stream_bandwidth(mib: int, device) -> float:
     row = torch.ones(1, 1024, device=device)
     best = min(seconds(read, device) for read in (lambda: buffer.sum(), lambda: row @ buffer.t()) * 3)
     return buffer.numel() * buffer.element_size() / best
-
-
-def matmul_peak(dtype, device, size=None, repeats=10) -> float:
-    size = size or (1024 if torch.device(device).type == "cpu" else 8192)
-    a, b = (torch.randn(size, size, dtype=dtype, device=device) for _ in range(2))
-    a @ b
-    return 2 * size**3 / min(seconds(lambda: a @ b, device) for _ in range(repeats))
 
 
 def bytes_per_forward(model, stats) -> float:
@@ -172,7 +165,7 @@ def main():
     torch.set_num_threads(args.threads)
     dtypes = [getattr(torch, name) for name in args.dtypes.split(",")]
     bandwidth = stream_bandwidth(args.stream_mib, args.device)
-    peaks = {dtype: matmul_peak(dtype, args.device) for dtype in dtypes}
+    peaks = {dtype: best_matmul_rate(repeats=10, dtype=dtype, device=args.device) for dtype in dtypes}
     where = f"{args.threads} thread(s)" if args.device == "cpu" else args.device
     print(f"{where}: streaming read {bandwidth / 1e9:.1f} GB/s; best matmul "
           + ", ".join(f"{str(d)[6:]} {peak / 1e9:.0f} GFLOP/s" for d, peak in peaks.items()))

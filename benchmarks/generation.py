@@ -96,14 +96,18 @@ def counted_flops(fn) -> int:
     return counter.get_total_flops()
 
 
-def best_matmul_rate(size=1024, repeats=20) -> float:
+def best_matmul_rate(size=None, repeats=20, dtype=torch.float32, device="cpu") -> float:
     """FLOP/s of the fastest of a few large square matmuls: an upper bound for any kernel here."""
-    a, b = torch.randn(size, size), torch.randn(size, size)
+    size = size or (1024 if torch.device(device).type == "cpu" else 8192)
+    synchronize = torch.cuda.synchronize if torch.device(device).type == "cuda" else (lambda: None)
+    a, b = (torch.randn(size, size, dtype=dtype, device=device) for _ in range(2))
     a @ b
     best = float("inf")
     for _ in range(repeats):
+        synchronize()
         start = time.perf_counter()
         a @ b
+        synchronize()
         best = min(best, time.perf_counter() - start)
     return 2 * size**3 / best
 
