@@ -251,3 +251,52 @@ def test_the_budget_warning_counts_masks_not_tokens(caplog):
         block, over = step(rule, block, [1, 2, 3, 4], [0.1, 0.1, 0.9, 0.1])
     assert over.all() and block.tolist() == [[MASK, MASK, 3, MASK]]
     assert any("3 masks left in the block." in r.getMessage() for r in caplog.records)
+
+
+def rows_step(rule, block, tokens, confidence):
+    """One step of a batch of rows (`step` for several rows); scores all zero, so a banned
+    DELETE / SPLIT becomes token 0."""
+    rule.before_step(block)
+    scores = torch.zeros(*block.shape, V)
+    return rule.update(block, torch.tensor(tokens), torch.tensor(confidence), scores)
+
+
+def test_a_row_that_settles_ends_while_the_other_rows_go_on():
+    """Stability is per row: a row whose step starts without masks and changes nothing ends,
+    whatever the other rows' masks (a batch-wide mask count or `all` would keep it running)."""
+    rule = editing_rule(steps=2, threshold=0.5, editing_threshold=0.9, max_post_steps=4)
+    block = torch.full((2, 4), MASK)
+    rule.start_block(block, torch.ones(2, 4, dtype=torch.bool))
+    block, over = rows_step(rule, block, [[1, 2, 3, 4]] * 2, [[0.9] * 4, [0.3, 0.2, 0.1, 0.1]])
+    assert block.tolist() == [[1, 2, 3, 4], [1, 2, MASK, MASK]] and not over.any()
+    block, over = rows_step(rule, block, [[1, 2, 3, 4]] * 2, [[0.1] * 4] * 2)
+    assert block.tolist() == [[1, 2, 3, 4]] * 2
+    assert over.tolist() == [True, False]  # row 1 filled its last masks: it changed, so it goes on
+
+
+def test_the_final_round_and_the_quota_are_each_rows_own():
+    """max_post_steps=0: a row whose block-entry masks a SPLIT pushed out of the block is not in
+    the final round because another row still has entry masks, so its DELETE stands; and the
+    masks a row's edits created raise only that row's quota."""
+    rule = editing_rule(steps=4, threshold=0.5, editing_threshold=0.5, max_post_steps=0)
+    block = torch.full((2, 4), MASK)
+    rule.start_block(block, torch.ones(2, 4, dtype=torch.bool))
+    block, _ = rows_step(rule, block, [[1, 2, 3, 4]] * 2, [[0.9, 0.9, 0.1, 0.1], [0.1, 0.2, 0.3, 0.4]])
+    assert block.tolist() == [[1, 2, MASK, MASK], [MASK, MASK, MASK, 4]]
+    # row 0: SPLIT at 0 (an edit) and a fill at 2 (quota 1) push the last entry mask out
+    block, over = rows_step(rule, block, [[SPLIT, 2, 5, 4], [1, 2, 3, 4]], [[0.9, 0.1, 0.4, 0.1], [0.1, 0.2, 0.3, 0.1]])
+    assert block.tolist() == [[MASK, 1, 2, 5], [MASK, MASK, 3, 4]] and not over.any()
+    # row 0 holds only a mask its edit created (quota 1 + 1): it fills it with DELETE, padded by a new mask;
+    # row 1 (quota 1) fills one mask
+    block, over = rows_step(rule, block, [[DELETE, 1, 2, 5], [1, 2, 3, 4]], [[0.4, 0.1, 0.1, 0.1], [0.2, 0.1, 0.1, 0.1]])
+    assert block.tolist() == [[1, 2, 5, MASK], [1, MASK, 3, 4]]
+    assert not over.any()
+
+
+def test_each_row_fills_its_own_quota_when_quotas_differ():
+    """Quotas of 2 and 1 in one batch: the row with the smaller quota fills exactly its own."""
+    rule = editing_rule(steps=2, threshold=None)
+    block = torch.tensor([[MASK, MASK, MASK, MASK], [7, 7, MASK, MASK]])
+    rule.start_block(block, torch.ones(2, 4, dtype=torch.bool))
+    block, _ = rows_step(rule, block, [[1, 2, 3, 4]] * 2, [[0.9, 0.8, 0.1, 0.1], [0.1, 0.1, 0.9, 0.8]])
+    assert block.tolist() == [[1, 2, MASK, MASK], [7, 7, 3, MASK]]
