@@ -301,8 +301,9 @@ def check_parallel_layout(config) -> None:
     if layout.pp_size > 1:
         raise ValueError(
             f"DistributedConfig(pp_size={layout.pp_size}): pipeline parallelism is not supported. Transformers' "
-            "pipeline schedule is for inference only and passes the LM head's arguments (`noise_level`, "
-            "`num_items_in_batch`) to the base model. Use tp_size, ep_size and fsdp_size."
+            "pipeline forward is inference-only, passes the LM head's arguments (`noise_level`, "
+            "`num_items_in_batch`) to the base model and drops `input_ids` after the first stage, where routing "
+            "reads the mask positions. Use tp_size, ep_size and fsdp_size."
         )
     if layout.enable_sequence_parallel:
         raise ValueError("DistributedConfig(enable_sequence_parallel=True): sequence parallelism is not supported "
