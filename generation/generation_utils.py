@@ -75,7 +75,9 @@ class DiffusionGenerateOutput(CacheOutput):
         sample took part in (DiffusionGemma's statistic).
     edits: with editing (`editing_threshold`), [B] counts per row over the whole call:
         `substitutions` (a decided token replaced by another), and under LLaDA2.2's editing
-        `deletions` and `insertions` (splits); None without editing.
+        `deletions` and `insertions` (splits); None without editing. They count every slot
+        decoded, including a last block's slots past `max_new_tokens`: blocks are decoded
+        whole, and those slots are cut from `sequences`.
     router_stats: dMoE's routing metric over the denoising forwards:
         `unique_experts_per_layer` (distinct routed experts chosen by the current block's
         tokens, averaged over MoE layers, samples, then forwards), `unique_experts_per_forward`,

@@ -56,6 +56,20 @@ def test_editing_changes_tokens_and_costs_post_steps():
     assert torch.equal(off.sequences, plain.sequences)
 
 
+def test_each_rows_substitution_count_is_the_edits_its_history_shows():
+    """`edits["substitutions"]` counts, per row and over the whole call, the decided tokens that a
+    step replaced: exactly the changes between consecutive history entries. Both rows fill whole
+    blocks (prompt + answer a multiple of block_length), so every decoded slot is returned."""
+    model = tiny_model(seed=7, sharpen=3.0)
+    ids, mask = left_pad([prompt(6, 1), prompt(2, 2)])
+    out = model.generate(ids, mask, max_new_tokens=10, block_length=4, steps=4, threshold=0.5, eos_token_id=None,
+                         editing_threshold=0.0, max_post_steps=4, return_dict_in_generate=True, output_history=True)
+    shown = sum(((a != MASK) & (b != MASK) & (a != b)).sum(-1) for a, b in zip(out.history, out.history[1:]))
+    counts = out.edits["substitutions"]
+    assert counts.dtype == torch.long and counts.tolist() == shown.tolist()
+    assert counts[0] != counts[1] and counts.min() > 1  # different per row, and summed over steps
+
+
 @pytest.mark.parametrize(
     "kwargs, match",
     [
