@@ -236,7 +236,7 @@ def token_choice(logits, scores, expert_bias, inputs: RoutingInputs, config, all
         inputs=inputs,
         capacity=capacity,
         expert_index=indices.reshape(B * L, -1),
-        expert_weights=weights.reshape(B * L, -1).to(logits.dtype),
+        expert_weights=weights.reshape(B * L, -1),  # fp32; `dispatch` casts to the hidden dtype
         router_probs=scores,
     )
 

@@ -2,6 +2,7 @@
 README "Tests"): each asserts numbers or an invariant that a plausible wrong implementation breaks."""
 
 import math
+import re
 
 import pytest
 import torch
@@ -11,11 +12,14 @@ from conftest import tiny_config
 from test_generation import MASK, left_pad, prompt, tiny_model
 from test_routing import left_padded, make_router, route
 
+from diffusion_moe import DiffusionMoeForMaskedLM
 from diffusion_moe.generation import DiffusionGenerationConfig
 from diffusion_moe.generation.block_runners import DualCacheRunner, FullRunner, PrefixCacheRunner
 from diffusion_moe.generation.denoising import MaskFilling, predict
 from diffusion_moe.modeling import diffusion_loss
 from diffusion_moe.modeling.diffusion_loss import chunked_cross_entropy, diffusion_loss_weights
+from diffusion_moe.modeling.experts import DiffusionMoeExperts
+from diffusion_moe.modeling.routing import DiffusionMoeRouter
 from diffusion_moe.modeling.routing_decisions import TokenRouting
 from diffusion_moe.modeling.routing_inputs import RoutingInputs
 from diffusion_moe.modeling.routing_groups import GroupedView
@@ -217,7 +221,7 @@ def test_the_models_aux_loss_is_the_layer_mean_of_the_switch_loss_by_hand():
 def test_expert_choice_breaks_ties_alike_whatever_the_group_layout():
     # two identical tokens in the second attention block tie for every expert; the left-padded
     # copy lays that block out in a longer group row, which must not change who is chosen
-    router = make_router(router_type="expert_choice", attention_layout="block_causal", block_size=4)
+    router = make_router(router_type="expert_choice", attention_layout="block_causal", block_size=4, block_router_size=4)
     hidden = torch.randn(1, 8, 32)
     hidden[0, 6] = hidden[0, 7]
     _, alone = route(router, torch.ones(1, 8, dtype=torch.bool), hidden=hidden)
@@ -710,3 +714,50 @@ def test_the_loss_defaults_to_elbo_reads_label_zero_and_computes_bf16_logits_in_
     half = logits.bfloat16()
     upcast = diffusion_loss.masked_diffusion_loss(half.float(), labels, padding)
     assert torch.equal(diffusion_loss.masked_diffusion_loss(half, labels, padding), upcast)  # fp32, not bf16
+
+
+# --- dtypes in a bf16 model --------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def bf16_models(tmp_path_factory):
+    """A saved fp32 checkpoint loaded with dtype=bfloat16, for each token-layout rule."""
+    folder = tmp_path_factory.mktemp("bf16")
+    models = {}
+    for router in ("token_choice", "block", "block_pool"):
+        config = tiny_config(router_type=router, router_score_function="sigmoid", expert_capacity=4,
+                             attention_layout="block_causal", block_size=4, block_router_size=4)
+        torch.manual_seed(0)
+        DiffusionMoeForMaskedLM(config).save_pretrained(folder / router)
+        models[router] = DiffusionMoeForMaskedLM.from_pretrained(folder / router, dtype=torch.bfloat16)
+    return models
+
+
+@pytest.mark.parametrize("router", ["token_choice", "block", "block_pool"])
+def test_a_bf16_model_keeps_its_expert_bias_in_fp32_and_hands_the_experts_bf16_weights(bf16_models, router):
+    """The loss-free bias moves in steps of `expert_bias_update_rate` (1e-3) that bf16 would round
+    away, so it stays fp32; the experts get their weights in the hidden states' dtype, as
+    Transformers' MoE experts expect."""
+    model = bf16_models[router]
+    gates = [m for m in model.modules() if isinstance(m, DiffusionMoeRouter)]
+    assert gates and all(g.expert_bias.dtype == torch.float32 and g.weight.dtype == torch.bfloat16 for g in gates)
+    seen = []
+    hooks = [m.register_forward_pre_hook(lambda mod, args: seen.append((args[0].dtype, args[2].dtype)))
+             for m in model.modules() if isinstance(m, DiffusionMoeExperts)]
+    with torch.no_grad():
+        model(torch.randint(1, MASK, (2, 8)))
+    for h in hooks:
+        h.remove()
+    assert seen and set(seen) == {(torch.bfloat16, torch.bfloat16)}
+
+
+@pytest.mark.parametrize("router", ["token_choice", "expert_choice"])
+def test_routing_inputs_under_a_schedule_without_a_mask_ratio_name_what_to_pass(router):
+    from diffusion_moe.modeling.routing import routing_inputs_for
+
+    config = tiny_config(router_type=router, capacity_schedule="linear_reverse", capacity_min=1, capacity_max=3)
+    padding = torch.ones(1, 4, dtype=torch.bool)
+    message = ("capacity_schedule='linear_reverse' needs the mask ratio: pass `mask_ratio` explicitly, or "
+               "`input_ids` with `mask_token_id` set in the config.")
+    with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
+        routing_inputs_for(config, padding, torch.arange(4).unsqueeze(0))

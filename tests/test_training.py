@@ -420,3 +420,19 @@ def test_router_stats_bucket_each_sequence_under_batch_level_expert_choice():
     model(ids)
     stats.detach()
     assert stats.bucket_count.tolist() == [2.0, 2.0]  # one sequence per bucket, in each of the 2 MoE layers
+
+
+@pytest.mark.parametrize("router", ["token_choice", "expert_choice"])
+def test_router_stats_bucket_by_the_mask_ratio_given_to_the_model(router):
+    """An explicit `mask_ratio` is the routing unit's ratio for the statistics, not the mask
+    tokens counted in `input_ids` (here none)."""
+    from conftest import tiny_config as plain_config
+
+    model = DiffusionMoeForMaskedLM(plain_config(router_type=router)).train()
+    stats = RouterStatsCallback(num_buckets=2)
+    stats.attach(model)
+    ids = torch.randint(1, 60, (2, 8))
+    model(ids, mask_ratio=torch.tensor([1.0, 0.25]))
+    model(ids)  # no masks, no ratio given: both sequences at ratio 0
+    stats.detach()
+    assert stats.bucket_count.tolist() == [6.0, 2.0]  # per MoE layer (2): 1 + 2 in the low bucket, 1 in the high
