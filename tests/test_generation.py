@@ -270,6 +270,11 @@ def test_select_commits_threshold_rule():
     assert select_commits(scores, cand, quota=2, threshold=None).tolist() == [
         [True, True, False, False], [True, True, False, False]
     ]
+    # strictly above: a score equal to the threshold is not confident (as in LLaDA's `> threshold`)
+    at = torch.tensor([[0.5, 0.6, 0.5, 0.1]])
+    assert select_commits(at, torch.ones(1, 4, dtype=torch.bool), quota=1, threshold=0.5).tolist() == [
+        [False, True, False, False]
+    ]
     few = torch.tensor([[False, False, True, False], [False, False, False, False]])
     assert select_commits(scores, few, quota=3, threshold=None).tolist() == [[False, False, True, False], [False] * 4]
 

@@ -63,6 +63,9 @@ def test_random_remasking_scores_are_uniform_draws():
     _, scores = predict(torch.zeros(2, 500, 4), True, "random")
     assert scores.shape == (2, 500) and ((scores >= 0) & (scores < 1)).all()
     assert abs(scores.mean().item() - 0.5) < 0.05 and scores.std().item() > 0.25  # not constant, not a score
+    # LLaDA's `torch.rand((B, L))`: the same draws under the same seed, each row its own
+    torch.manual_seed(0)
+    assert torch.equal(scores, torch.rand(2, 500))
 
 
 def test_sampled_tokens_follow_the_softmax():
