@@ -292,3 +292,25 @@ def test_the_static_runner_gives_the_exact_runner_logits_after_a_long_prefill(ro
         for runner in (exact, static):
             runner.prefill(s)
         torch.testing.assert_close(static.block_logits(s, e)[0], exact.block_logits(s, e)[0], rtol=1e-5, atol=1e-5)
+
+
+def test_the_static_runner_prefills_a_single_token():
+    """block_size 1 (a causal model): a one-token prompt is a whole block, and the static cache
+    must hold its keys/values before the first step, as the exact cache does."""
+    import copy
+
+    from diffusion_moe.generation.block_runners import ExactCacheRunner, StaticCacheRunner
+    from diffusion_moe.generation.generation_utils import _block_causal_layout
+
+    model = tiny_model(seed=3, sharpen=1.0, block_size=1, block_router_size=1)
+    config = copy.deepcopy(model.generation_config)
+    config.block_length = 1
+    ids, mask = left_pad([prompt(1, 2), prompt(1, 3)])
+    x, real, _, _, _, blocks = _block_causal_layout(ids, mask.bool(), config, 3)
+    (s, e) = blocks[0]
+    assert (s, e) == (1, 2)
+    exact, static = ExactCacheRunner(model, x, real, False), StaticCacheRunner(model, x, real, False, static_block_step)
+    with torch.no_grad():
+        for runner in (exact, static):
+            runner.prefill(s)
+        torch.testing.assert_close(static.block_logits(s, e)[0], exact.block_logits(s, e)[0], rtol=1e-5, atol=1e-5)
