@@ -176,7 +176,7 @@ def test_each_row_of_a_batch_counts_its_own_masks_steps_and_edits(seed):
         assert batched.sequences[i, ids.shape[1]:].tolist() == one.sequences[0, p.shape[1]:].tolist()
         assert batched.tokens_per_forward[i].item() == pytest.approx(one.tokens_per_forward[0].item())
         for name, counts in batched.edits.items():
-            assert counts[i].item() == one.edits[name][0].item(), (i, name)
+            assert counts.dtype == torch.long and counts[i].item() == one.edits[name][0].item(), (i, name)
 
 
 def editing_rule(**settings):
