@@ -56,14 +56,15 @@ def dense_gates(decision, tokens: int, experts: int) -> torch.Tensor:
                                                    decision.gates.reshape(-1), accumulate=True)
 
 
-@pytest.mark.parametrize("router_type", ["token_choice", "expert_choice"])
-def test_ec_dlm_mode_scales_each_tokens_gates_by_ec_dlms_factor(router_type):
+@pytest.mark.parametrize("router_type, renormalize", [("token_choice", True), ("token_choice", False),
+                                                     ("expert_choice", True)])
+def test_ec_dlm_mode_scales_each_tokens_gates_by_ec_dlms_factor(router_type, renormalize):
     """Every token's gates are the constant mode's times EC-DLM's factor: per chooser count
-    for expert choice, the top-k constant for token choice."""
+    for expert choice, the top-k constant for token choice (which depends on `norm_topk_prob`)."""
     from conftest import MASK_ID
     from diffusion_moe.modeling.routing import routing_inputs_for
 
-    model = ec_dlm_model(router_type)
+    model = ec_dlm_model(router_type, norm_topk_prob=renormalize)
     plain = type(model)(type(model.config)(**{**model.config.to_dict(), "routed_scaling_mode": "constant"})).eval()
     plain.load_state_dict(model.state_dict())
     hidden = torch.randn(2, 8, model.config.hidden_size)
@@ -75,7 +76,7 @@ def test_ec_dlm_mode_scales_each_tokens_gates_by_ec_dlms_factor(router_type):
 
     scaled, unscaled = dense_gates(decide(model), 16, E), dense_gates(decide(plain), 16, E)
     if router_type == "token_choice":
-        factors = torch.full((16, 1), tc_scaling_factor(E, k, 1, "softmax", True))
+        factors = torch.full((16, 1), tc_scaling_factor(E, k, 1, "softmax", renormalize))
     else:
         factors = ec_scaling_factors(E, 1)[(unscaled > 0).sum(-1)].unsqueeze(-1)
         assert len(set((unscaled > 0).sum(-1).tolist())) > 1  # tokens with different chooser counts
