@@ -764,3 +764,18 @@ def test_routing_inputs_under_a_schedule_without_a_mask_ratio_name_what_to_pass(
                "`input_ids` with `mask_token_id` set in the config.")
     with pytest.raises(ValueError, match=f"^{re.escape(message)}$"):
         routing_inputs_for(config, padding, torch.arange(4).unsqueeze(0))
+
+
+def test_capacity_keeps_a_token_whose_weight_rounds_to_exactly_one():
+    """k = 1: a dominant router logit gives a softmax weight of exactly 1.0 in fp32. Under
+    `capacity_factor` that token outranks a weaker one for the expert's single slot (a weight
+    of 1.0 is a real weight, not the "dropped" marker)."""
+    router = make_router(num_experts_per_tok=1, capacity_factor=1.0)
+    with torch.no_grad():
+        router.weight.zero_()
+        router.weight[0, 0] = 1.0
+    hidden = torch.zeros(1, 2, router.config.hidden_size)
+    hidden[0, 0, 0], hidden[0, 1, 0] = 0.5, 100.0  # both pick expert 0; token 1's weight is 1.0
+    decision, _ = route(router, torch.ones(1, 2, dtype=torch.bool), hidden=hidden)
+    assert decision.expert_index[:, 0].tolist() == [0, 0]
+    assert decision.expert_weights[1, 0].item() == 1.0 and decision.expert_weights[0, 0].item() == 0.0
