@@ -431,10 +431,10 @@ class DiffusionMoeModel(DiffusionMoePreTrainedModel):
         masked = None
         if mask_ratio is not None:
             check_fractions("mask_ratio", mask_ratio, B)
-        elif self.config.capacity_schedule != "constant":
-            masked = self.mask_tokens_of(input_ids)
         elif input_ids is not None and self.config.mask_token_id is not None:
-            masked = input_ids == self.config.mask_token_id  # for statistics by mask ratio
+            # each routing unit's mask ratio (the capacity schedule's input, the statistics by ratio); a
+            # schedule with neither is refused by `routing_inputs_for`, which names what to pass
+            masked = input_ids == self.config.mask_token_id
         config = self.config
         if static_routing and config.attention_layout == "block_causal" and L % config.block_size:
             raise ValueError(
@@ -504,15 +504,6 @@ class DiffusionMoeModel(DiffusionMoePreTrainedModel):
             return False
         block = self.config.block_size
         return past_length // block == (past_length + length - 1) // block
-
-    def mask_tokens_of(self, input_ids: torch.Tensor | None) -> torch.Tensor:
-        """[B, L] bool: where the input holds the mask token (what the capacity schedule counts)."""
-        if input_ids is None or self.config.mask_token_id is None:
-            raise ValueError(
-                f"capacity_schedule={self.config.capacity_schedule!r} needs the mask ratio: pass `mask_ratio` "
-                "explicitly, or `input_ids` with `mask_token_id` set in the config."
-            )
-        return input_ids == self.config.mask_token_id
 
 
 def routing_padding(padding_mask, mask, past_length, batch: int, length: int, device) -> torch.Tensor:

@@ -186,9 +186,8 @@ def editing_rule(**settings):
 
 
 def step(rule, block, tokens, confidence):
-    rule.before_step(block)
-    scores = torch.zeros(*block.shape, V)
-    return rule.update(block, torch.tensor([tokens]), torch.tensor([confidence]), scores)
+    """One step of a one-row block: `rows_step` for a single row."""
+    return rows_step(rule, block, [tokens], [confidence])
 
 
 def test_a_step_fills_above_the_threshold_and_edits_above_the_editing_threshold_strictly():
@@ -254,8 +253,7 @@ def test_the_budget_warning_counts_masks_not_tokens(caplog):
 
 
 def rows_step(rule, block, tokens, confidence):
-    """One step of a batch of rows (`step` for several rows); scores all zero, so a banned
-    DELETE / SPLIT becomes token 0."""
+    """One step of a batch of rows; scores all zero, so a banned DELETE / SPLIT becomes token 0."""
     rule.before_step(block)
     scores = torch.zeros(*block.shape, V)
     return rule.update(block, torch.tensor(tokens), torch.tensor(confidence), scores)
