@@ -1,5 +1,5 @@
 # `make test` and `make demo` set themselves up: a local .venv with the locked versions
-# (requirements.txt, the lock: every package pinned) and torch's CPU build. See the README's "Dependency policy".
+# (requirements.lock, the lock: every package pinned) and torch's CPU build. See the README's "Dependency policy".
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
@@ -8,10 +8,10 @@ TORCH := torch==2.13.0
 
 .PHONY: test test-latest test-min demo bench lock clean mutate
 
-$(STAMP): requirements.txt setup.cfg pyproject.toml
+$(STAMP): requirements.lock setup.cfg pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
 	$(PY) -m pip install -q $(TORCH)
-	$(PY) -m pip install -q -r requirements.txt
+	$(PY) -m pip install -q -r requirements.lock
 	$(PY) -m pip install -q --no-deps -e .
 	$(PY) -m pip check
 	touch $(STAMP)
@@ -49,10 +49,10 @@ bench: $(STAMP)
 
 # Rewrite the lock from the newest releases (after `make test-latest` passed).
 lock: test-latest
-	head -3 requirements.txt > requirements.new
+	head -3 requirements.lock > requirements.new
 	.venv-latest/bin/python -m pip freeze --exclude-editable | sed 's/^torch==2.13.0+cpu$$/torch==2.13.0/' \
 		>> requirements.new
-	mv requirements.new requirements.txt
+	mv requirements.new requirements.lock
 
 # Mutation testing (README, "Tests") of the routing, loss and denoising modules with the fast tests
 # that cover them (setup.cfg's [mutmut]). mutmut 3 imports the mutated code from mutants/src (or

@@ -58,14 +58,14 @@ def test_every_lower_bound_is_the_version_make_test_min_installs():
 
 
 def test_the_lock_lies_inside_the_declared_ranges():
-    lock = pins("../requirements.txt")
+    lock = pins("../requirements.lock")
     for name, requirement in declared().items():
         assert name in lock, f"{name} is declared but not locked"
         assert requirement.specifier.contains(lock[name]), f"lock pins {name}=={lock[name]}, outside {requirement}"
 
 
 def test_torch_is_the_cpu_build_ci_installs_everywhere():
-    assert pins("../requirements.txt")["torch"] == pins("minimum.txt")["torch"] == "2.13.0"
+    assert pins("../requirements.lock")["torch"] == pins("minimum.txt")["torch"] == "2.13.0"
     makefile = (ROOT / "Makefile").read_text()
     assert "TORCH := torch==2.13.0" in makefile
 
